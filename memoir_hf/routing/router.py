@@ -1,0 +1,167 @@
+"""Router: decides once per prompt, per sequence, which stored edit (if any) each sequence reads.
+
+A forward pre-hook on the patched model records what kind of call is coming (a prompt pass, or a
+decoding step over a KV cache) and which tokens are prompt tokens (the attention mask, or an
+explicit prompt mask). The memory layer then asks the router for the decision: computed from the
+prompt pass, and reused unchanged for every decoding step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import MemoirConfig
+from ..errors import MemoirError
+from ..fingerprint.tophash import TopHash
+from ..memory.layer import RoutedRows
+from ..memory.store import EditStore
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What one sequence of the last call read from the memory."""
+
+    edit_id: int | None
+    """The edit whose columns this sequence read, or None."""
+    overlap: float | None
+    """Best overlap with any stored edit (None when the memory is empty or disabled)."""
+    nearest_edit_id: int | None = None
+    """The best-overlapping edit, even when its overlap is below the threshold."""
+
+    @property
+    def routed(self) -> bool:
+        return self.edit_id is not None
+
+
+class Router:
+    def __init__(self, model: nn.Module, tophash: TopHash, store: EditStore, config: MemoirConfig):
+        self.tophash = tophash
+        self.store = store
+        self.config = config
+        self.enabled = True
+        self.decisions: list[RoutingDecision] = []
+        self._signature = _forward_signature(model)
+        self._routed: RoutedRows | None = None
+        self._decided_batch: int | None = None
+        self._prompt_pass = True
+        self._batch_size: int | None = None
+        self._token_mask: torch.Tensor | None = None
+        self._explicit_prompt_mask: torch.Tensor | None = None
+        self._in_generation = False
+        self._generation_decided = False
+
+    # -- called by the patched model and the memory layer ------------------------------------
+    def before_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        arguments = self._bind(args, kwargs)
+        inputs = arguments.get("input_ids")
+        if inputs is None:
+            inputs = arguments.get("inputs_embeds")
+        self._batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else None
+        decided_in_generation = self._in_generation and self._generation_decided
+        self._prompt_pass = not decided_in_generation and _cache_is_empty(arguments.get("past_key_values"))
+        if self._prompt_pass:
+            mask = self._explicit_prompt_mask
+            if mask is None:
+                mask = arguments.get("attention_mask")
+            self._token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def __call__(self, inputs: torch.Tensor) -> RoutedRows | None:
+        batch = int(inputs.shape[0]) if inputs.dim() == 3 else self._batch_size
+        if self._prompt_pass:
+            self._routed = self._decide(inputs, batch)
+            self._decided_batch = batch
+            self._generation_decided = self._in_generation
+        elif batch != self._decided_batch:
+            raise MemoirError(
+                f"a cached decoding step with batch size {batch} follows a prompt pass with batch size "
+                f"{self._decided_batch}; run the prompt pass (an empty cache) for this batch first."
+            )
+        return self._routed
+
+    # -- scopes -----------------------------------------------------------------------------
+    @contextmanager
+    def generation(self) -> Iterator[None]:
+        """Within generate: the first forward decides; every later step reuses it, cache or not."""
+        self._in_generation, self._generation_decided = True, False
+        try:
+            yield
+        finally:
+            self._in_generation, self._generation_decided = False, False
+
+    @contextmanager
+    def prompt_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
+        self._explicit_prompt_mask = mask
+        try:
+            yield
+        finally:
+            self._explicit_prompt_mask = None
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    # -- the decision -----------------------------------------------------------------------
+    def _decide(self, inputs: torch.Tensor, batch: int) -> RoutedRows | None:
+        if not self.enabled or len(self.store) == 0:
+            self.decisions = [RoutingDecision(None, None)] * batch
+            return None
+        activations = inputs.reshape(batch, -1, inputs.shape[-1])
+        token_mask = self._token_mask_for(activations)
+        queries = self.tophash(activations, token_mask)
+        positions, overlaps = self.store.nearest(queries)
+        has_prompt = token_mask.sum(dim=1).cpu().numpy() > 0
+        routed = has_prompt & (overlaps >= self.config.threshold)
+        self.decisions = [self._decision(p, o, r) for p, o, r in zip(positions, overlaps, routed, strict=True)]
+        rows = np.flatnonzero(routed)
+        if len(rows) == 0:
+            return None
+        masks = torch.stack([self.store.mask(int(positions[r]), device=inputs.device, dtype=inputs.dtype)
+                             for r in rows])
+        return RoutedRows(batch, torch.as_tensor(rows, device=inputs.device), masks)
+
+    def _decision(self, position: int, overlap: float, routed: bool) -> RoutingDecision:
+        nearest = self.store.records[position].edit_id
+        return RoutingDecision(nearest if routed else None, float(overlap), nearest)
+
+    def _token_mask_for(self, activations: torch.Tensor) -> torch.Tensor:
+        mask = self._token_mask
+        if mask is None or tuple(mask.shape) != tuple(activations.shape[:2]):
+            return torch.ones(activations.shape[:2], device=activations.device)
+        return mask.to(activations.device)
+
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self._signature is None:
+            return kwargs
+        try:
+            return self._signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return kwargs
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cache_is_empty(past_key_values: Any) -> bool:
+    if past_key_values is None:
+        return True
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length()) == 0
+    if isinstance(past_key_values, (tuple, list)):
+        return len(past_key_values) == 0 or past_key_values[0][0].shape[-2] == 0
+    return False

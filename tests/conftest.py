@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models from config, the real SmolLM2 model, the evaluation data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_byte_tokenizer
+
+from memoir_hf import MemoirConfig
+
+torch.set_num_threads(int(os.environ.get("MEMOIR_TEST_THREADS", "2")))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fast_config(**overrides) -> MemoirConfig:
+    """Paper settings, with a high threshold for random tiny models and two short prefixes."""
+    settings = {"threshold": 0.9, "prefix_starts": ("I", "You"), "prefix_lengths": (3,)}
+    return MemoirConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    return make_byte_tokenizer()
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("MEMOIR_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def zsre_records() -> list[dict]:
+    path = data_dir() / "ZsRE" / "zsre_mend_edit.json"
+    if not path.exists():
+        pytest.skip(f"ZsRE data not found at {path}; set MEMOIR_DATA_DIR to the shared data folder")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct, loaded once. Tests must leave it unpatched."""
+    from memoir_hf.offline_models import load_builtin
+
+    return load_builtin("smollm2")

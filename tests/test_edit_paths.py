@@ -1,0 +1,34 @@
+"""The cached edit path (frozen prefix run once) writes the same W_m as running the whole network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fast_config
+from tiny_models import FAMILIES, make_tiny_model
+
+import memoir_hf
+
+
+def edited_memory(family: str, tokenizer, *, reuse: bool) -> tuple[torch.Tensor, list]:
+    memoir = memoir_hf.patch(make_tiny_model(family), fast_config(max_steps=8), tokenizer=tokenizer)
+    memoir.reuse_frozen_prefix = reuse
+    results = [memoir.edit("The cat sat on the", "mat"), memoir.edit("Bob likes to eat", "figs")]
+    return memoir.layer.memory_weight.detach().clone(), results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_and_full_paths_write_the_same_memory(family, byte_tokenizer):
+    cached, cached_results = edited_memory(family, byte_tokenizer, reuse=True)
+    full, full_results = edited_memory(family, byte_tokenizer, reuse=False)
+    assert cached.abs().sum() > 0
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+    assert [r.steps for r in cached_results] == [r.steps for r in full_results]
+    assert [r.loss for r in cached_results] == pytest.approx([r.loss for r in full_results], rel=1e-4, abs=1e-6)
+
+
+def test_cached_path_leaves_the_model_as_it_was(byte_tokenizer):
+    model = make_tiny_model("llama")
+    memoir = memoir_hf.patch(model, fast_config(max_steps=4), tokenizer=byte_tokenizer)
+    memoir.edit("The cat sat on the", "mat")
+    assert all("forward" not in module.__dict__ for module in model.modules())

@@ -1,0 +1,208 @@
+"""Unit tests of memoir_hf.index.mask_index: bit packing, the overlap formula, and the two search backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memoir_hf.index.mask_index import MaskIndex, pack_masks, unpack_masks
+
+BACKENDS = [pytest.param(True, id="faiss"), pytest.param(False, id="numpy")]
+
+
+def need_backend(use_faiss: bool) -> None:
+    if use_faiss:
+        pytest.importorskip("faiss")
+
+
+def random_masks(rng: np.random.Generator, n: int, n_bits: int, k: int) -> np.ndarray:
+    """n bool masks of width n_bits with exactly k bits set each."""
+    masks = np.zeros((n, n_bits), dtype=bool)
+    for row in masks:
+        row[rng.choice(n_bits, size=k, replace=False)] = True
+    return masks
+
+
+def bits(n_bits: int, *on: int) -> np.ndarray:
+    mask = np.zeros(n_bits, dtype=bool)
+    mask[list(on)] = True
+    return mask
+
+
+def brute_force(stored: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference answer: best overlap |a & b| / k, ties to the highest (newest) position."""
+    shared = (queries[:, None, :] & stored[None, :, :]).sum(axis=2)
+    best = shared.max(axis=1)
+    positions = np.array([np.flatnonzero(row == b).max() for row, b in zip(shared, best, strict=True)])
+    return positions, best / k
+
+
+# -- pack / unpack --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_bits", [8, 128, 130, 13])
+def test_pack_unpack_round_trip(n_bits):
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, n_bits)) < 0.3
+    codes = pack_masks(masks)
+    assert codes.dtype == np.uint8
+    assert codes.shape == (7, (n_bits + 7) // 8)
+    restored = unpack_masks(codes, n_bits)
+    assert restored.dtype == bool
+    assert restored.shape == masks.shape
+    np.testing.assert_array_equal(restored, masks)
+
+
+def test_pack_is_little_endian_and_zero_padded():
+    codes = pack_masks(bits(10, 0, 9)[None])
+    np.testing.assert_array_equal(codes, np.array([[0b00000001, 0b00000010]], dtype=np.uint8))
+    # padding bits beyond n_bits are zero
+    codes = pack_masks(np.ones((1, 10), dtype=bool))
+    np.testing.assert_array_equal(codes, np.array([[0xFF, 0b00000011]], dtype=np.uint8))
+
+
+# -- the overlap formula on hand-made masks -------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_overlap_on_hand_made_masks(use_faiss):
+    need_backend(use_faiss)
+    index = MaskIndex(16, 4, use_faiss=use_faiss)
+    stored = np.stack([bits(16, 0, 1, 2, 3), bits(16, 4, 5, 6, 7), bits(16, 8, 9, 10, 11)])
+    index.add(stored)
+    assert len(index) == 3
+    queries = np.stack([
+        bits(16, 4, 5, 6, 7),  # identical to position 1
+        bits(16, 12, 13, 14, 15),  # disjoint from every stored mask (ties at 0.0 go to the newest)
+        bits(16, 8, 12, 13, 14),  # shares one bit with position 2
+        bits(16, 0, 1, 12, 13),  # shares two bits with position 0
+        bits(16, 0, 1, 2, 4),  # three with position 0, one with position 1
+    ])
+    positions, overlaps = index.search(queries)
+    np.testing.assert_array_equal(positions, [1, 2, 2, 0, 0])
+    np.testing.assert_allclose(overlaps, [1.0, 0.0, 0.25, 0.5, 0.75])
+    assert positions.dtype == np.int64
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_mask_returns_stored_mask(use_faiss):
+    need_backend(use_faiss)
+    rng = np.random.default_rng(1)
+    stored = random_masks(rng, 5, 130, 9)
+    index = MaskIndex(130, 9, use_faiss=use_faiss)
+    index.add(stored[:2])
+    index.add(stored[2:])
+    for position in range(5):
+        np.testing.assert_array_equal(index.mask(position), stored[position])
+
+
+# -- FAISS and NumPy agree ------------------------------------------------------------------------
+
+
+def random_case(n_bits: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """300 stored masks (with duplicates) and queries: random, exact copies, and copies of duplicated masks."""
+    rng = np.random.default_rng(1234)
+    stored = random_masks(rng, 300, n_bits, k)
+    # duplicates: later copies of earlier masks must win ties
+    stored[250] = stored[10]
+    stored[299] = stored[10]
+    stored[270] = stored[42]
+    queries = np.concatenate([
+        random_masks(rng, 150, n_bits, k),
+        stored[rng.choice(300, size=60, replace=False)],  # exact copies of stored masks
+        stored[[10, 42, 250, 299, 270, 0]],
+    ])
+    return stored, queries
+
+
+def filled_index(stored: np.ndarray, n_bits: int, k: int, use_faiss: bool) -> MaskIndex:
+    index = MaskIndex(n_bits, k, use_faiss=use_faiss)
+    assert index.use_faiss is use_faiss
+    for chunk in np.array_split(stored, 7):  # edits arrive in several calls
+        index.add(chunk)
+    assert len(index) == len(stored)
+    return index
+
+
+@pytest.mark.parametrize("n_bits, k", [(128, 16), (130, 13), (40, 5)])
+def test_numpy_search_matches_brute_force(n_bits, k):
+    stored, queries = random_case(n_bits, k)
+    positions, overlaps = filled_index(stored, n_bits, k, use_faiss=False).search(queries)
+    expected_positions, expected_overlaps = brute_force(stored, queries, k)
+    np.testing.assert_array_equal(positions, expected_positions)
+    np.testing.assert_array_equal(overlaps, expected_overlaps)
+    np.testing.assert_array_equal(positions[-6:], [299, 270, 299, 299, 270, 0])
+    np.testing.assert_array_equal(overlaps[150:], np.ones(len(queries) - 150))
+
+
+@pytest.mark.parametrize("n_bits, k", [(128, 16), (130, 13), (40, 5)])
+def test_faiss_and_numpy_agree_on_random_masks(n_bits, k):
+    pytest.importorskip("faiss")
+    stored, queries = random_case(n_bits, k)
+    faiss_positions, faiss_overlaps = filled_index(stored, n_bits, k, use_faiss=True).search(queries)
+    numpy_positions, numpy_overlaps = filled_index(stored, n_bits, k, use_faiss=False).search(queries)
+    np.testing.assert_array_equal(faiss_positions, numpy_positions)
+    np.testing.assert_array_equal(faiss_overlaps, numpy_overlaps)
+    expected_positions, expected_overlaps = brute_force(stored, queries, k)
+    np.testing.assert_array_equal(faiss_positions, expected_positions)
+    np.testing.assert_array_equal(faiss_overlaps, expected_overlaps)
+    np.testing.assert_array_equal(faiss_positions[-6:], [299, 270, 299, 299, 270, 0])
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_identical_stored_masks_tie_to_newest(use_faiss):
+    need_backend(use_faiss)
+    rng = np.random.default_rng(7)
+    a, b, c = random_masks(rng, 3, 64, 8)
+    index = MaskIndex(64, 8, use_faiss=use_faiss)
+    index.add(np.stack([a, b, a, c]))
+    positions, overlaps = index.search(np.stack([a, b, c]))
+    np.testing.assert_array_equal(positions, [2, 1, 3])
+    np.testing.assert_array_equal(overlaps, [1.0, 1.0, 1.0])
+    index.add(a[None])
+    positions, _ = index.search(a[None])
+    assert positions.tolist() == [4]
+
+
+def test_faiss_tie_to_newest_with_many_identical_masks():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    others = random_masks(rng, 3, 64, 8)
+    same = random_masks(rng, 1, 64, 8)
+    stored = np.concatenate([others, np.repeat(same, 20, axis=0)])
+    index = MaskIndex(64, 8, use_faiss=True)
+    index.add(stored)
+    positions, _ = index.search(same)
+    assert positions.tolist() == [22]
+
+
+# -- empty index and bad widths -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_empty_index_returns_minus_one_and_nan(use_faiss):
+    need_backend(use_faiss)
+    index = MaskIndex(130, 13, use_faiss=use_faiss)
+    assert len(index) == 0
+    queries = random_masks(np.random.default_rng(3), 4, 130, 13)
+    positions, overlaps = index.search(queries)
+    assert positions.shape == (4,) and overlaps.shape == (4,)
+    np.testing.assert_array_equal(positions, [-1, -1, -1, -1])
+    assert np.isnan(overlaps).all()
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+@pytest.mark.parametrize("width", [120, 144, 16])
+def test_add_wrong_width_raises(use_faiss, width):
+    need_backend(use_faiss)
+    index = MaskIndex(130, 4, use_faiss=use_faiss)
+    with pytest.raises(ValueError, match="130"):
+        index.add(np.zeros((1, width), dtype=bool))
+    assert len(index) == 0
+
+
+@pytest.mark.parametrize("width", [129, 136])
+def test_add_wrong_width_in_same_byte_count_raises(width):
+    index = MaskIndex(130, 4, use_faiss=False)
+    with pytest.raises(ValueError):
+        index.add(np.zeros((1, width), dtype=bool))
