@@ -1,5 +1,6 @@
 """memoir_hf: lifelong model editing for Hugging Face causal LMs with MEMOIR (arXiv 2506.07899)."""
 
+from ._version import __version__ as __version__
 from .config import MemoirConfig
 from .editing.result import EditResult
 from .errors import (
@@ -13,14 +14,17 @@ from .memory.store import EditRecord
 from .model import MemoirModel, patch
 from .patching.registry import register_architecture, supported_model_types
 from .patching.target import PatchTarget, find_target
+from .persistence.checkpoint import CheckpointError
+from .persistence.fingerprint import FingerprintMismatchError
+from .persistence.loading import load
 from .routing.router import RoutingDecision
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EditInputError",
     "EditRecord",
     "EditResult",
+    "CheckpointError",
+    "FingerprintMismatchError",
     "MemoirConfig",
     "MemoirConfigError",
     "MemoirError",
@@ -30,6 +34,7 @@ __all__ = [
     "RoutingDecision",
     "UnsupportedModelError",
     "find_target",
+    "load",
     "patch",
     "register_architecture",
     "supported_model_types",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -12,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
+from ._version import __version__
 from .config import MemoirConfig
 from .editing.inputs import (
     EncodedFact,
@@ -34,6 +37,10 @@ from .fingerprint.tophash import TopHash
 from .memory.layer import MemoirLayer
 from .memory.store import EditRecord, EditStore, utc_now
 from .patching.target import PatchTarget, find_target
+from .persistence.atomic import atomic_folder, recover_interrupted_swap
+from .persistence.base_model import save_base_model
+from .persistence.checkpoint import Checkpoint, read_checkpoint, restore_store, write_checkpoint
+from .persistence.fingerprint import base_fingerprint, check_fingerprint
 from .routing.router import Router, RoutingDecision
 
 
@@ -45,13 +52,15 @@ class MemoirModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: MemoirConfig | None = None, tokenizer: Any = None, *,
-                 use_faiss: bool | None = None):
+                 use_faiss: bool | None = None, checkpoint: Checkpoint | None = None):
         super().__init__()
         _refuse_double_patch(model)
         config = dataclasses.replace(config) if config is not None else MemoirConfig()
         target = find_target(model, config)
-        if tokenizer is None:
+        if tokenizer is None and checkpoint is None:
             raise MemoirError("patch needs the model's tokenizer: memoir_hf.patch(model, config, tokenizer=tok).")
+        if checkpoint is not None:
+            check_fingerprint(checkpoint.fingerprint, _fingerprint_of(model, target))
         down_proj = model.get_submodule(target.module_name)
         layer = MemoirLayer(down_proj, target.d_model, target.d_ff)
         layer.tophash = TopHash(target.d_ff, target.top_k, config.aggregation, config.seed, device=layer.device)
@@ -73,7 +82,9 @@ class MemoirModel(nn.Module):
         setattr(model.get_submodule(target.parent_name), target.attribute, layer)
         self._hook = model.register_forward_pre_hook(self.router.before_model_call, with_kwargs=True)
         try:
-            if config.aggregation == "mean_minus_background":
+            if checkpoint is not None:
+                self._restore(checkpoint)
+            elif config.aggregation == "mean_minus_background":
                 self.compute_background(config.background_prompts or default_background_prompts())
         except BaseException:
             self.unpatch()
@@ -134,20 +145,22 @@ class MemoirModel(nn.Module):
         if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise MemoirError("compute_background needs a non-empty list of non-empty strings.")
         with self._inference_mode():
-            compute_background(self.base_model, self.tokenizer, self._layer, self._layer.tophash, list(texts))
+            compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash,
+                               list(texts))
 
     # -- editing ----------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, metadata: dict[str, Any] | None = None) -> EditResult:
         """Write one fact: after ``prompt`` (and its paraphrases) the model answers ``target``."""
         self._check_patched()
         fact = check_fact(prompt, target, metadata)
-        return self._write(fact, encode_fact(self.tokenizer, fact, self._context_length))
+        return self._write(fact, encode_fact(self._require_tokenizer(), fact, self._context_length))
 
     def edit_many(self, records: Iterable[Any], *, progress: bool = True) -> list[EditResult]:
         """Write facts one after another. Every record is checked before the first is written."""
         self._check_patched()
+        tokenizer = self._require_tokenizer()
         facts = [fact_from_record(record, i) for i, record in enumerate(records)]
-        encoded = [encode_fact(self.tokenizer, fact, self._context_length, where=record_position(i))
+        encoded = [encode_fact(tokenizer, fact, self._context_length, where=record_position(i))
                    for i, fact in enumerate(facts)]
         results = []
         bar = tqdm(zip(facts, encoded, strict=True), total=len(facts), desc="memoir edits", unit="edit",
@@ -160,6 +173,12 @@ class MemoirModel(nn.Module):
     @property
     def _context_length(self) -> int | None:
         return context_length(self.base_model.config)
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise MemoirError("editing needs the model's tokenizer: set memoir.tokenizer = tok, or pass tokenizer= "
+                              "to MemoirModel.from_pretrained / memoir_hf.load.")
+        return self.tokenizer
 
     def _write(self, fact: Fact, encoded: EncodedFact) -> EditResult:
         start = time.perf_counter()
@@ -227,6 +246,65 @@ class MemoirModel(nn.Module):
         finally:
             self.base_model.train(was_training)
 
+    # -- saving and loading -------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, save_base: bool = False) -> None:
+        """Write the memoir state (and, with ``save_base``, the base model and tokenizer) to a folder.
+
+        The folder is written whole or not at all: a crash mid-save leaves the previous contents.
+        Files already in the folder that this save does not write are kept.
+        """
+        self._check_patched()
+        with atomic_folder(save_directory) as folder:
+            if save_base:
+                with self._original_layout():
+                    save_base_model(self.base_model, self.tokenizer, folder)
+            write_checkpoint(folder, manifest=self._manifest(base_saved=save_base),
+                             memory_weight=self._layer.memory_weight, permutation=self._layer.tophash.permutation,
+                             background=self._layer.tophash.background, store=self.store)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, checkpoint_directory: str | os.PathLike, tokenizer: Any = None, *,
+                        use_faiss: bool | None = None) -> MemoirModel:
+        """Attach saved edits to a loaded base model (the one they were made on; this is checked)."""
+        recover_interrupted_swap(checkpoint_directory)
+        checkpoint = read_checkpoint(checkpoint_directory)
+        config = dataclasses.replace(checkpoint.config)
+        object.__setattr__(config, "layer", checkpoint.module_name)
+        return cls(model, config, tokenizer, use_faiss=use_faiss, checkpoint=checkpoint)
+
+    def _manifest(self, *, base_saved: bool) -> dict[str, Any]:
+        target = self.target
+        return {
+            "library_version": __version__,
+            "memoir_config": self.memoir_config.to_dict(),
+            "target": {"model_type": target.model_type, "module_name": target.module_name,
+                       "layer_index": target.layer_index, "d_model": target.d_model, "d_ff": target.d_ff,
+                       "top_k": target.top_k},
+            "base_model_fingerprint": _fingerprint_of(self.base_model, target, self._layer),
+            "base_model_saved": base_saved,
+            "prefixes": self.prefixes,
+            "next_edit_id": self.store.next_id,
+        }
+
+    @torch.no_grad()
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        layer = self._layer
+        layer.memory_weight.copy_(checkpoint.memory_weight.to(layer.memory_weight.device, layer.memory_weight.dtype))
+        layer.tophash.permutation.copy_(checkpoint.permutation.to(layer.tophash.permutation.device))
+        layer.tophash.background.copy_(checkpoint.background.to(layer.tophash.background.device))
+        restore_store(checkpoint, self.store)
+        self.prefixes = checkpoint.manifest.get("prefixes")
+
+    @contextmanager
+    def _original_layout(self) -> Iterator[None]:
+        """The base model exactly as before patching, for the duration of the block."""
+        parent = self.base_model.get_submodule(self.target.parent_name)
+        setattr(parent, self.target.attribute, self._layer.base_layer)
+        try:
+            yield
+        finally:
+            setattr(parent, self.target.attribute, self._layer)
+
     # -- unpatching -------------------------------------------------------------------------
     def unpatch(self) -> nn.Module:
         """Put the original down projection back and return the base model, exactly as it was."""
@@ -246,6 +324,11 @@ class MemoirModel(nn.Module):
     def __repr__(self) -> str:
         state = f"{len(self.store)} edits" if self.__dict__.get("_patched") else "unpatched"
         return f"MemoirModel({self.target.module_name}, k={self.target.top_k}/{self.target.d_ff}, {state})"
+
+
+def _fingerprint_of(model: nn.Module, target: PatchTarget, layer: MemoirLayer | None = None) -> dict[str, Any]:
+    down_proj = layer.base_layer if layer is not None else model.get_submodule(target.module_name)
+    return base_fingerprint(model, target, down_proj.weight, conv1d=isinstance(down_proj, Conv1D))
 
 
 def _refuse_double_patch(model: nn.Module) -> None:

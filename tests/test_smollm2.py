@@ -10,6 +10,9 @@ import memoir_hf
 pytestmark = pytest.mark.slow
 
 N_EDITS = 10
+# The paper's lr 1.0 is tuned for LLaMA-3-8B; SmolLM2's smaller down-projection inputs give smaller
+# gradients, and at lr 1.0 most edits are still converging after 30 steps.
+SMOLLM2_CONFIG = {"learning_rate": 3.0, "max_grad_norm": 3.0}
 
 
 def test_tokenizer_builds_real_token_ids(smollm2):
@@ -39,7 +42,7 @@ def test_zsre_edits_hold_and_leave_unrelated_answers_alone(smollm2, zsre_records
     with torch.no_grad():
         unpatched_logits = model(**loc_batch).logits
 
-    memoir = memoir_hf.patch(model, tokenizer=tokenizer)
+    memoir = memoir_hf.patch(model, memoir_hf.MemoirConfig(**SMOLLM2_CONFIG), tokenizer=tokenizer)
     try:
         with torch.no_grad():
             assert (memoir(**loc_batch).logits - unpatched_logits).abs().max().item() == 0.0

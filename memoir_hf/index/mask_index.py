@@ -50,10 +50,38 @@ class MaskIndex:
         return self.codes.shape[0]
 
     def add(self, masks: np.ndarray) -> None:
-        codes = self._pack(masks)
+        self.add_codes(self._pack(masks))
+
+    def add_codes(self, codes: np.ndarray) -> None:
+        """Add masks already packed by :func:`pack_masks`."""
+        if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.n_bytes:
+            raise ValueError(f"packed masks must be uint8 [n, {self.n_bytes}], got {codes.dtype} {codes.shape}")
         self.codes = np.concatenate([self.codes, codes])
         if self._faiss_index is not None:
             self._faiss_index.add(codes)
+
+    def write_faiss(self, path: str) -> bool:
+        """Write the FAISS index to ``path``; False when this index runs on NumPy."""
+        if self._faiss_index is None:
+            return False
+        faiss.write_index_binary(self._faiss_index, str(path))
+        return True
+
+    def adopt_faiss(self, path: str) -> bool:
+        """Use a saved FAISS index if it holds exactly this index's masks; False otherwise."""
+        if self._faiss_index is None:
+            return False
+        try:
+            saved = faiss.read_index_binary(str(path))
+        except RuntimeError:
+            return False
+        if saved.d != self.n_bytes * 8 or saved.ntotal != len(self):
+            return False
+        stored = faiss.vector_to_array(saved.xb).reshape(-1, self.n_bytes) if len(self) else self.codes
+        if not np.array_equal(stored, self.codes):
+            return False
+        self._faiss_index = saved
+        return True
 
     def mask(self, position: int) -> np.ndarray:
         return unpack_masks(self.codes[position:position + 1], self.n_bits)[0]

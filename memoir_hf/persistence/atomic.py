@@ -1,0 +1,120 @@
+"""Write a checkpoint folder so that a crash never leaves it half-written.
+
+Everything is written into a temporary folder beside the destination; files of the destination
+that the new save does not write (for example a base model saved there earlier) are carried over
+as hard links; then the two folders are swapped. On Linux the swap is one atomic
+renameat2(RENAME_EXCHANGE); elsewhere it is two renames, and :func:`recover_interrupted_swap`
+puts the previous folder back if a crash fell between them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_PREVIOUS_TAG = ".memoir-previous-"
+_TEMP_TAG = ".memoir-writing-"
+
+
+@contextmanager
+def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success it replaces ``destination`` whole."""
+    destination = Path(destination).absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists() and not destination.is_dir():
+        raise NotADirectoryError(f"{destination} exists and is not a folder")
+    _remove_stale_temporaries(destination)
+    temporary = destination.parent / f".{destination.name}{_TEMP_TAG}{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if destination.exists():
+            _carry_over(destination, temporary)
+        _fsync_tree(temporary)
+        _swap_in(temporary, destination)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def recover_interrupted_swap(destination: str | os.PathLike) -> None:
+    """If a save died between its two renames, move the previous folder back into place."""
+    destination = Path(destination).absolute()
+    if destination.exists():
+        return
+    previous = sorted(destination.parent.glob(f".{destination.name}{_PREVIOUS_TAG}*"))
+    if previous:
+        warnings.warn(f"{destination} was missing after an interrupted save; restored the previous checkpoint "
+                      f"from {previous[-1].name}.", stacklevel=3)
+        os.rename(previous[-1], destination)
+
+
+def _carry_over(destination: Path, temporary: Path) -> None:
+    for source in destination.rglob("*"):
+        target = temporary / source.relative_to(destination)
+        if source.is_dir() or target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def _swap_in(temporary: Path, destination: Path) -> None:
+    if not destination.exists():
+        os.rename(temporary, destination)
+    elif _exchange(temporary, destination):
+        shutil.rmtree(temporary, ignore_errors=True)
+    else:
+        previous = destination.parent / f".{destination.name}{_PREVIOUS_TAG}{uuid.uuid4().hex[:8]}"
+        os.rename(destination, previous)
+        os.rename(temporary, destination)
+        shutil.rmtree(previous, ignore_errors=True)
+    _fsync_directory(destination.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2 (Linux); False where that is not available."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _remove_stale_temporaries(destination: Path) -> None:
+    for stale in destination.parent.glob(f".{destination.name}{_TEMP_TAG}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(folder)
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,207 @@
+"""The memoir checkpoint format: what is written next to a model, and every check on the way back.
+
+Files (all written by :func:`write_checkpoint`, read and checked by :func:`read_checkpoint`):
+
+- ``memoir_config.json``: format and library version, the MemoirConfig, the patched target, the
+  base-model fingerprint, the generated prefixes, the next edit id, a checksum of the masks.
+- ``memoir_memory.safetensors``: W_m of the patched layer, the TopHash permutation and background.
+- ``memoir_masks.safetensors``: the packed bit masks and their edit ids.
+- ``memoir_index.faiss``: the FAISS binary index, a cache of the masks (rebuilt if stale).
+- ``memoir_edits.jsonl``: one JSON line an edit.
+
+No pickle anywhere: JSON, safetensors and FAISS's own index format, so loading runs no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import MemoirConfig
+from ..errors import MemoirError
+from ..memory.store import EditRecord, EditStore
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "memoir_config.json"
+MEMORY_FILE = "memoir_memory.safetensors"
+MASKS_FILE = "memoir_masks.safetensors"
+INDEX_FILE = "memoir_index.faiss"
+EDITS_FILE = "memoir_edits.jsonl"
+_RECORD_FIELDS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
+
+
+class CheckpointError(MemoirError):
+    """A checkpoint file is missing, corrupt, inconsistent or from a newer format."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything a memoir checkpoint holds, checked for consistency."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    config: MemoirConfig
+    memory_weight: torch.Tensor
+    permutation: torch.Tensor
+    background: torch.Tensor
+    codes: np.ndarray
+    records: list[EditRecord]
+
+    @property
+    def module_name(self) -> str:
+        return self.manifest["target"]["module_name"]
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["base_model_fingerprint"]
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: torch.Tensor,
+                     permutation: torch.Tensor, background: torch.Tensor, store: EditStore) -> None:
+    """Write the five files into ``folder`` (normally a temporary folder; see atomic_folder)."""
+    module = manifest["target"]["module_name"]
+    save_file({f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
+               f"{module}.tophash.background": _cpu(background)}, folder / MEMORY_FILE,
+              metadata={"format_version": str(FORMAT_VERSION)})
+    edit_ids = torch.tensor([record.edit_id for record in store.records], dtype=torch.int64)
+    save_file({"codes": torch.from_numpy(store.index.codes.copy()), "edit_ids": edit_ids}, folder / MASKS_FILE,
+              metadata={"format_version": str(FORMAT_VERSION), "n_bits": str(store.index.n_bits)})
+    store.index.write_faiss(folder / INDEX_FILE)
+    with open(folder / EDITS_FILE, "w", encoding="utf-8") as handle:
+        for record in store.records:
+            handle.write(json.dumps(record.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
+    manifest = {**manifest, "format_version": FORMAT_VERSION, "num_edits": len(store),
+                "masks_sha256": _codes_checksum(store.index.codes)}
+    (folder / CONFIG_FILE).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read and check a checkpoint; CheckpointError says which file is wrong and how."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no memoir checkpoint at {folder}: the folder does not exist.")
+    manifest = _read_manifest(folder)
+    target = manifest["target"]
+    d_model, d_ff = int(target["d_model"]), int(target["d_ff"])
+    try:
+        config = MemoirConfig.from_dict(manifest["memoir_config"])
+    except MemoirError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: invalid memoir_config: {error}") from None
+    memory = _read_safetensors(folder / MEMORY_FILE)
+    module = target["module_name"]
+    weight = _tensor(memory, f"{module}.memory_weight", (d_model, d_ff), folder / MEMORY_FILE)
+    permutation = _tensor(memory, f"{module}.tophash.permutation", (d_ff,), folder / MEMORY_FILE)
+    background = _tensor(memory, f"{module}.tophash.background", (d_ff,), folder / MEMORY_FILE)
+    codes, edit_ids = _read_masks(folder / MASKS_FILE, d_ff, manifest)
+    records = _read_edits(folder / EDITS_FILE)
+    if [record.edit_id for record in records] != edit_ids.tolist():
+        raise CheckpointError(f"{folder / EDITS_FILE} lists edits {[r.edit_id for r in records][:10]}... but "
+                              f"{MASKS_FILE} holds masks for {edit_ids.tolist()[:10]}...; the files do not belong "
+                              "together.")
+    return Checkpoint(folder, manifest, config, weight, permutation, background, codes, records)
+
+
+def restore_store(checkpoint: Checkpoint, store: EditStore) -> None:
+    """Fill an empty EditStore from the checkpoint; reuse its FAISS index when it matches the masks."""
+    store.index.add_codes(checkpoint.codes)
+    store.records = list(checkpoint.records)
+    store.next_id = int(checkpoint.manifest.get("next_edit_id", 0))
+    index_path = checkpoint.folder / INDEX_FILE
+    if store.index.use_faiss and not store.index.adopt_faiss(index_path):
+        reason = "missing" if not index_path.exists() else "inconsistent with the masks"
+        warnings.warn(f"{index_path} is {reason}; rebuilt the index from {MASKS_FILE}. Save again to refresh it.",
+                      stacklevel=3)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {folder} is not a memoir checkpoint (save one with "
+                              "memoir.save_pretrained).")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the file is corrupt.") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} has no format_version; the file is corrupt.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}, newer than this memoir_hf reads "
+                              f"({FORMAT_VERSION}); upgrade memoir_hf.")
+    missing = [key for key in ("memoir_config", "target", "base_model_fingerprint", "masks_sha256")
+               if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; the file is corrupt.")
+    return manifest
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path} is corrupt or truncated: {error}") from None
+
+
+def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+    if key not in tensors:
+        raise CheckpointError(f"{path} has no tensor {key!r}; it does not belong to this checkpoint.")
+    if tuple(tensors[key].shape) != shape:
+        raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}.")
+    return tensors[key]
+
+
+def _read_masks(path: Path, d_ff: int, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    tensors = _read_safetensors(path)
+    if "codes" not in tensors or "edit_ids" not in tensors:
+        raise CheckpointError(f"{path} lacks 'codes' or 'edit_ids'; it is not a memoir mask file.")
+    codes, edit_ids = tensors["codes"].numpy(), tensors["edit_ids"].numpy()
+    width = (d_ff + 7) // 8
+    if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != width:
+        raise CheckpointError(f"{path}: masks are {codes.shape[1] * 8 if codes.ndim == 2 else '?'} bits wide "
+                              f"({codes.dtype}), but the patched layer has d_ff={d_ff} ({width * 8} bits packed).")
+    if len(edit_ids) != len(codes) or len(codes) != manifest.get("num_edits"):
+        raise CheckpointError(f"{path} holds {len(codes)} masks and {len(edit_ids)} edit ids, but "
+                              f"{CONFIG_FILE} records {manifest.get('num_edits')} edits.")
+    if _codes_checksum(codes) != manifest["masks_sha256"]:
+        raise CheckpointError(f"{path} does not match the checksum in {CONFIG_FILE}; the masks were changed or "
+                              "belong to another save.")
+    return codes, edit_ids
+
+
+def _read_edits(path: Path) -> list[EditRecord]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CheckpointError(f"{path} line {number} is not valid JSON ({error}).") from None
+            if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
+                raise CheckpointError(f"{path} line {number} must hold exactly {sorted(_RECORD_FIELDS)}.")
+            records.append(EditRecord(**values))
+    return records
+
+
+def _codes_checksum(codes: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(codes).tobytes()).hexdigest()
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()

@@ -1,0 +1,33 @@
+"""memoir_hf.load: a base model saved with its edits, loaded in one call."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import MemoirError
+from ..model import MemoirModel
+from .atomic import recover_interrupted_swap
+from .checkpoint import read_checkpoint
+
+
+def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_faiss: bool | None = None,
+         **model_kwargs: Any) -> MemoirModel:
+    """Load the base model, its tokenizer and the edits from a folder written with ``save_base=True``.
+
+    ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``device_map``, ``dtype`` /
+    ``torch_dtype``, ...); the memory is created on the device and dtype of the layer it sits beside.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(checkpoint_directory)
+    recover_interrupted_swap(folder)
+    checkpoint = read_checkpoint(folder)
+    if not checkpoint.manifest.get("base_model_saved") or not (folder / "config.json").is_file():
+        raise MemoirError(f"{folder} holds memoir state only (saved without save_base=True). Load the base model "
+                          "yourself and attach the edits: MemoirModel.from_pretrained(base_model, path).")
+    model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
+    if tokenizer is None and any(folder.glob("tokenizer*")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return MemoirModel.from_pretrained(model, folder, tokenizer, use_faiss=use_faiss)
