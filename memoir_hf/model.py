@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,14 +34,16 @@ from .editing.trainer import EditBatch, target_logits, train_columns
 from .errors import MemoirError, PatchError
 from .fingerprint.activations import capture_down_proj_inputs
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
+from .fingerprint.batching import pad_batch
 from .fingerprint.tophash import TopHash
 from .memory.layer import MemoirLayer
 from .memory.store import EditRecord, EditStore, utc_now
 from .patching.target import PatchTarget, find_target
 from .persistence.atomic import atomic_folder, recover_interrupted_swap
 from .persistence.base_model import save_base_model
-from .persistence.checkpoint import Checkpoint, read_checkpoint, restore_store, write_checkpoint
-from .persistence.fingerprint import base_fingerprint, check_fingerprint
+from .persistence.checkpoint import MEMOIR_FILES, Checkpoint, read_checkpoint, restore_store, write_checkpoint
+from .persistence.fingerprint import base_fingerprint, check_fingerprint, check_model_type
+from .routing.calibration import Calibration, choose_threshold
 from .routing.router import Router, RoutingDecision
 
 
@@ -198,16 +201,53 @@ class MemoirModel(nn.Module):
                           time.perf_counter() - start, accuracy, routed)
 
     def _fingerprint(self, prompt_ids: list[int]) -> torch.Tensor:
-        input_ids = torch.tensor([prompt_ids], device=self._layer.device)
-        attention_mask = torch.ones_like(input_ids)
-        activations = capture_down_proj_inputs(self.base_model, self._layer, input_ids, attention_mask)
-        return self._layer.tophash(activations, attention_mask)[0]
+        return self._fingerprints([prompt_ids])[0]
+
+    def _fingerprints(self, rows: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
+        """TopHash masks [n, d_ff] of token id lists (each row all prompt)."""
+        masks = []
+        for start in range(0, len(rows), batch_size):
+            input_ids, attention_mask = pad_batch(rows[start:start + batch_size], device=self._layer.device,
+                                                  pad_id=pad_token_id(self._require_tokenizer()))
+            activations = capture_down_proj_inputs(self.base_model, self._layer, input_ids, attention_mask)
+            masks.append(self._layer.tophash(activations, attention_mask))
+        return torch.cat(masks)
+
+    # -- threshold calibration ------------------------------------------------------------------
+    def calibrate_threshold(self, unrelated_texts: Sequence[str] | None = None, *, max_edits: int = 200,
+                            negative_quantile: float = 0.99, positive_quantile: float = 0.05) -> Calibration:
+        """Set ``memoir_config.threshold`` from the stored edits and unrelated text, and return why.
+
+        Negatives are ``unrelated_texts`` (default: the generic prompts shipped with memoir_hf);
+        positives are up to ``max_edits`` stored edit prompts behind the model's context prefixes.
+        The best overlap of unrelated text grows with the number of edits: calibrate after editing.
+        """
+        self._check_patched()
+        if not len(self.store):
+            raise MemoirError("calibrate_threshold needs stored edits: edit first, then calibrate.")
+        texts = list(unrelated_texts) if unrelated_texts is not None else default_background_prompts()
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise MemoirError("unrelated_texts must be a non-empty list of non-empty strings.")
+        tokenizer = self._require_tokenizer()
+        with self._inference_mode():
+            _, negatives = self.store.nearest(self._fingerprints([tokenizer(t)["input_ids"] for t in texts]))
+            positives = self._prefixed_overlaps(self.store.records[:max_edits])
+        calibration = choose_threshold(negatives, positives, negative_q=negative_quantile, positive_q=positive_quantile)
+        self.memoir_config.threshold = calibration.threshold
+        return calibration
+
+    def _prefixed_overlaps(self, records: Sequence[EditRecord]) -> np.ndarray:
+        """Overlap of each edit prompt behind each context prefix with that edit's own mask."""
+        self._ensure_prefixes()
+        tokenizer = self._require_tokenizer()
+        contexts = self.prefixes or [""]
+        rows = [tokenizer(with_prefix(p, r.prompt) if p else r.prompt)["input_ids"] for r in records for p in contexts]
+        queries = self._fingerprints(rows).cpu().numpy().reshape(len(records), len(contexts), -1)
+        own = np.stack([self.store.index.mask(position) for position in range(len(records))])
+        return ((queries & own[:, None, :]).sum(-1) / self.target.top_k).ravel()
 
     def _edit_batch(self, prompt: str, encoded: EncodedFact, limit: int | None) -> EditBatch:
-        if self.prefixes is None:
-            with self.router.disabled():
-                self.prefixes = generate_prefixes(self.base_model, self.tokenizer, self.memoir_config.prefix_starts,
-                                                  self.memoir_config.prefix_lengths)
+        self._ensure_prefixes()
         rows = [encoded.prompt_ids] + [self.tokenizer(with_prefix(p, prompt))["input_ids"] for p in self.prefixes]
         rows = [row for row in rows if limit is None or len(row) + len(encoded.target_ids) <= limit]
         return EditBatch.build(rows, encoded.target_ids, pad_id=pad_token_id(self.tokenizer), device=self._layer.device)
@@ -221,6 +261,12 @@ class MemoirModel(nn.Module):
         layers = self.base_model.get_submodule(target.layers_path)
         return reuse_frozen_prefix(self.base_model, layers, target.layer_index, mlp, self._layer,
                                    batch.input_ids, batch.attention_mask)
+
+    def _ensure_prefixes(self) -> None:
+        if self.prefixes is None:
+            with self.router.disabled():
+                self.prefixes = generate_prefixes(self.base_model, self._require_tokenizer(),
+                                                  self.memoir_config.prefix_starts, self.memoir_config.prefix_lengths)
 
     @torch.no_grad()
     def _check_edit(self, encoded: EncodedFact) -> tuple[float, int | None]:
@@ -254,11 +300,11 @@ class MemoirModel(nn.Module):
         Files already in the folder that this save does not write are kept.
         """
         self._check_patched()
-        with atomic_folder(save_directory) as folder:
+        with atomic_folder(save_directory, owned=MEMOIR_FILES) as folder:
             if save_base:
                 with self._original_layout():
                     save_base_model(self.base_model, self.tokenizer, folder)
-            write_checkpoint(folder, manifest=self._manifest(base_saved=save_base),
+            write_checkpoint(folder, manifest=self._manifest(),
                              memory_weight=self._layer.memory_weight, permutation=self._layer.tophash.permutation,
                              background=self._layer.tophash.background, store=self.store)
 
@@ -267,12 +313,18 @@ class MemoirModel(nn.Module):
                         use_faiss: bool | None = None) -> MemoirModel:
         """Attach saved edits to a loaded base model (the one they were made on; this is checked)."""
         recover_interrupted_swap(checkpoint_directory)
-        checkpoint = read_checkpoint(checkpoint_directory)
+        return cls.attach(model, read_checkpoint(checkpoint_directory), tokenizer, use_faiss=use_faiss)
+
+    @classmethod
+    def attach(cls, model: nn.Module, checkpoint: Checkpoint, tokenizer: Any = None, *,
+               use_faiss: bool | None = None) -> MemoirModel:
+        """Attach an already read checkpoint to a base model (see from_pretrained)."""
+        check_model_type(checkpoint.fingerprint, model)
         config = dataclasses.replace(checkpoint.config)
         object.__setattr__(config, "layer", checkpoint.module_name)
         return cls(model, config, tokenizer, use_faiss=use_faiss, checkpoint=checkpoint)
 
-    def _manifest(self, *, base_saved: bool) -> dict[str, Any]:
+    def _manifest(self) -> dict[str, Any]:
         target = self.target
         return {
             "library_version": __version__,
@@ -281,7 +333,6 @@ class MemoirModel(nn.Module):
                        "layer_index": target.layer_index, "d_model": target.d_model, "d_ff": target.d_ff,
                        "top_k": target.top_k},
             "base_model_fingerprint": _fingerprint_of(self.base_model, target, self._layer),
-            "base_model_saved": base_saved,
             "prefixes": self.prefixes,
             "next_edit_id": self.store.next_id,
         }

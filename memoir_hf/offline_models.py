@@ -44,3 +44,18 @@ def load_builtin(name: str, **model_kwargs: Any) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **model_kwargs)
     return model.eval(), tokenizer
+
+
+def load_model(name_or_path: str, **model_kwargs: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) from a built-in name, a local folder, or a Hub id (offline when HF_HUB_OFFLINE=1)."""
+    if name_or_path in BUILTIN_MODELS:
+        return load_builtin(name_or_path, **model_kwargs)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+    except (OSError, ValueError) as error:
+        raise MemoirError(f"could not load model {name_or_path!r} ({error}); pass a local folder, a Hub id that "
+                          f"is cached or reachable, or a built-in name: {', '.join(BUILTIN_MODELS)}.") from None
+    return model.eval(), tokenizer

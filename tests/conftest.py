@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads: spinning OpenMP threads slow a shared 2-core machine down several times.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import make_byte_tokenizer
 
 from memoir_hf import MemoirConfig

@@ -36,6 +36,8 @@ def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "
             raise EditInputError(f"{where}{name} must be a string, got {type(value).__name__}.")
         if not value.strip():
             raise EditInputError(f"{where}{name} is empty; pass a non-empty string.")
+        if not _utf8(value):
+            raise EditInputError(f"{where}{name} is not valid Unicode text (it holds a lone surrogate).")
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, Mapping):
         raise EditInputError(f"{where}metadata must be a dict, got {type(metadata).__name__}.")
@@ -43,10 +45,18 @@ def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "
         stored = json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as error:
         raise EditInputError(f"{where}metadata must be JSON-serialisable: {error}.") from None
-    if stored != metadata:
-        raise EditInputError(f"{where}metadata must be plain JSON data (string keys, lists rather than tuples): "
-                             "it would not read back as given.")
+    if stored != metadata or not _utf8(json.dumps(stored, ensure_ascii=False)):
+        raise EditInputError(f"{where}metadata must be plain JSON data (string keys, lists rather than tuples, "
+                             "valid Unicode): it would not save and read back as given.")
     return Fact(prompt, target, stored)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def record_position(index: int) -> str:

@@ -61,10 +61,14 @@ class MaskIndex:
             self._faiss_index.add(codes)
 
     def write_faiss(self, path: str) -> bool:
-        """Write the FAISS index to ``path``; False when this index runs on NumPy."""
-        if self._faiss_index is None:
+        """Write a FAISS index of the masks to ``path`` (also when searching on NumPy); False without faiss."""
+        if faiss is None:
             return False
-        faiss.write_index_binary(self._faiss_index, str(path))
+        index = self._faiss_index
+        if index is None:
+            index = faiss.IndexBinaryFlat(self.n_bytes * 8)
+            index.add(self.codes)
+        faiss.write_index_binary(index, str(path))
         return True
 
     def adopt_faiss(self, path: str) -> bool:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,8 +27,12 @@ _TEMP_TAG = ".memoir-writing-"
 
 
 @contextmanager
-def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder to write into; on success it replaces ``destination`` whole."""
+def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()) -> Iterator[Path]:
+    """Yield a temporary folder to write into; on success it replaces ``destination`` whole.
+
+    Files of ``destination`` the new save does not write are carried over, except those named in
+    ``owned`` (files this save is responsible for: a stale one must not survive).
+    """
     destination = Path(destination).absolute()
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists() and not destination.is_dir():
@@ -38,7 +43,7 @@ def atomic_folder(destination: str | os.PathLike) -> Iterator[Path]:
     try:
         yield temporary
         if destination.exists():
-            _carry_over(destination, temporary)
+            _carry_over(destination, temporary, owned)
         _fsync_tree(temporary)
         _swap_in(temporary, destination)
     finally:
@@ -50,17 +55,18 @@ def recover_interrupted_swap(destination: str | os.PathLike) -> None:
     destination = Path(destination).absolute()
     if destination.exists():
         return
-    previous = sorted(destination.parent.glob(f".{destination.name}{_PREVIOUS_TAG}*"))
+    previous = sorted(destination.parent.glob(f".{glob.escape(destination.name)}{_PREVIOUS_TAG}*"))
     if previous:
         warnings.warn(f"{destination} was missing after an interrupted save; restored the previous checkpoint "
                       f"from {previous[-1].name}.", stacklevel=3)
         os.rename(previous[-1], destination)
 
 
-def _carry_over(destination: Path, temporary: Path) -> None:
+def _carry_over(destination: Path, temporary: Path, owned: Collection[str]) -> None:
     for source in destination.rglob("*"):
-        target = temporary / source.relative_to(destination)
-        if source.is_dir() or target.exists():
+        relative = source.relative_to(destination)
+        target = temporary / relative
+        if source.is_dir() or target.exists() or str(relative) in owned:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -95,7 +101,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_stale_temporaries(destination: Path) -> None:
-    for stale in destination.parent.glob(f".{destination.name}{_TEMP_TAG}*"):
+    for stale in destination.parent.glob(f".{glob.escape(destination.name)}{_TEMP_TAG}*"):
         shutil.rmtree(stale, ignore_errors=True)
 
 

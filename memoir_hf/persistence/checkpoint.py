@@ -36,6 +36,7 @@ MEMORY_FILE = "memoir_memory.safetensors"
 MASKS_FILE = "memoir_masks.safetensors"
 INDEX_FILE = "memoir_index.faiss"
 EDITS_FILE = "memoir_edits.jsonl"
+MEMOIR_FILES = (CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE)
 _RECORD_FIELDS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
 
 
@@ -118,7 +119,8 @@ def restore_store(checkpoint: Checkpoint, store: EditStore) -> None:
     """Fill an empty EditStore from the checkpoint; reuse its FAISS index when it matches the masks."""
     store.index.add_codes(checkpoint.codes)
     store.records = list(checkpoint.records)
-    store.next_id = int(checkpoint.manifest.get("next_edit_id", 0))
+    stored = [record.edit_id for record in checkpoint.records]
+    store.next_id = max([int(checkpoint.manifest.get("next_edit_id", 0)), *(i + 1 for i in stored)])
     index_path = checkpoint.folder / INDEX_FILE
     if store.index.use_faiss and not store.index.adopt_faiss(index_path):
         reason = "missing" if not index_path.exists() else "inconsistent with the masks"

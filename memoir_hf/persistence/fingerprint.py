@@ -59,6 +59,16 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
 
 
+def check_model_type(saved: dict[str, Any], model: torch.nn.Module) -> None:
+    """The cheap first check, before the model's layout is resolved: the same model family."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != saved.get("model_type"):
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "(unnamed)")
+        raise FingerprintMismatchError(
+            f"this memoir checkpoint was saved on base model {_describe(saved)} but is being attached to "
+            f"{name!r} ({model_type}). Load the base model the edits were made on.")
+
+
 def _probes_agree(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     a = torch.tensor(saved.get("weight_probe", []), dtype=torch.float32)
     b = torch.tensor(current["weight_probe"], dtype=torch.float32)

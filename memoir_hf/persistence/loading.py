@@ -23,11 +23,11 @@ def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_
 
     folder = Path(checkpoint_directory)
     recover_interrupted_swap(folder)
-    checkpoint = read_checkpoint(folder)
-    if not checkpoint.manifest.get("base_model_saved") or not (folder / "config.json").is_file():
+    checkpoint = read_checkpoint(folder)  # every memoir file is checked before the base is loaded
+    if not (folder / "config.json").is_file():
         raise MemoirError(f"{folder} holds memoir state only (saved without save_base=True). Load the base model "
                           "yourself and attach the edits: MemoirModel.from_pretrained(base_model, path).")
     model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
     if tokenizer is None and any(folder.glob("tokenizer*")):
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    return MemoirModel.from_pretrained(model, folder, tokenizer, use_faiss=use_faiss)
+    return MemoirModel.attach(model, checkpoint, tokenizer, use_faiss=use_faiss)

@@ -1,0 +1,220 @@
+"""The paper protocol: T sequential edits, then one evaluation of everything after the last edit.
+
+Each prompt set (edit prompts, rephrases, loc prompts) is scored twice after the edits: routed to
+its nearest edit, and with the memory off (which, by the zero-impact guarantee, is the unedited
+model). A threshold τ then decides per prompt which of the two it gets, so Rel/Gen/Loc at any τ
+(the calibrated one, and a whole sweep) come from the same two passes, exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..config import MemoirConfig
+from ..errors import MemoirConfigError, MemoirError
+from ..model import MemoirModel, patch
+from ..offline_models import load_model
+from ..patching.target import find_target
+from ..persistence.checkpoint import is_checkpoint
+from .datasets import EvalRecord, load_records
+from .metrics import agreement, mean, perplexity, token_accuracy
+from .scoring import Scored, score_pairs
+
+METHODS = ("memoir", "ft-l")
+SWEEP = tuple(round(t, 2) for t in np.arange(0.30, 1.001, 0.02))
+
+
+def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = "zsre", edits: int = 100,
+        method: str = "memoir", config: MemoirConfig | None = None, threshold: float | None = None,
+        out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, progress: bool = True,
+        strict_data: bool = False) -> dict[str, Any]:
+    """Edit ``edits`` records of ``data`` one after another, then evaluate; returns (and writes) the report.
+
+    ``model`` is a built-in name (smollm2, gemma3-270m), a local path or Hub id, or a (model,
+    tokenizer) pair. ``threshold`` None calibrates τ with ``calibrate_threshold`` (memoir only).
+    With ``checkpoint_dir``, the memory is saved every ``checkpoint_every`` edits and a rerun resumes.
+    """
+    _check_arguments(method, edits, threshold, checkpoint_every)
+    started = time.perf_counter()
+    records = load_records(data, format, limit=edits, strict=strict_data)
+    base, tokenizer = load_model(model) if isinstance(model, str) else model
+    memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
+    try:
+        report = _edit_and_evaluate(memoir, records, method, threshold, checkpoint_dir, checkpoint_every, progress)
+    finally:
+        memoir.unpatch()
+    report.update({"model": model if isinstance(model, str) else type(base).__name__, "data": str(data),
+                   "format": format, "wall_seconds": time.perf_counter() - started})
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if plot is not None and report["sweep"]:
+        from .plots import plot_sweep
+
+        plot_sweep(report, plot)
+    return report
+
+
+def _check_arguments(method: str, edits: int, threshold: float | None, checkpoint_every: int) -> None:
+    """Everything that can be refused is refused before the first (slow) edit."""
+    if method not in METHODS:
+        raise MemoirError(f"method must be one of {METHODS}, got {method!r}.")
+    if edits < 1:
+        raise MemoirError(f"edits must be at least 1, got {edits}.")
+    if checkpoint_every < 1:
+        raise MemoirError(f"checkpoint_every must be at least 1, got {checkpoint_every}.")
+    if threshold is not None and method == "ft-l":
+        raise MemoirError("ft-l has no routing, so no threshold: drop --threshold for --method ft-l.")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise MemoirConfigError(f"threshold must be in [0, 1], got {threshold}.")
+
+
+def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], method: str, threshold: float | None,
+                       checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
+                       progress: bool) -> dict[str, Any]:
+    seconds = _apply_edits(memoir, records, checkpoint_dir, checkpoint_every, progress)
+    calibration = None
+    if method == "memoir":
+        if threshold is None:
+            calibration = dataclasses.asdict(memoir.calibrate_threshold())
+        else:
+            memoir.memoir_config.threshold = threshold
+    scores = _score_everything(memoir, records)
+    tau = memoir.memoir_config.threshold
+    return {
+        "library_version": __version__, "method": method, "edits": len(records),
+        "memoir_config": memoir.memoir_config.to_dict(), "patched_module": memoir.target.module_name,
+        "threshold": tau, "calibration": calibration,
+        "metrics": _metrics(scores, records, tau),
+        "unedited": _metrics(scores, records, tau=2.0),
+        "edit_success_rate": mean([float(r.success) for r in memoir.edits]),
+        "seconds_per_edit": mean(seconds),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
+        "sweep": [{"threshold": t, **_metrics(scores, records, t)} for t in SWEEP] if method == "memoir" else None,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform()},
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
+            checkpoint_dir: str | os.PathLike | None, records: Sequence[EvalRecord]) -> MemoirModel:
+    if checkpoint_dir is not None and is_checkpoint(checkpoint_dir):
+        memoir = MemoirModel.from_pretrained(base, checkpoint_dir, tokenizer)
+        done = [(e.prompt, e.target) for e in memoir.edits]
+        if done != [(r.prompt, r.target) for r in records[:len(done)]]:
+            memoir.unpatch()
+            raise MemoirError(f"{checkpoint_dir} holds edits of another run; use a fresh checkpoint_dir.")
+        return memoir
+    config = config or MemoirConfig()
+    if method == "ft-l":
+        # Fine-tuning the same down projection: every column, memory always on (no mask, no routing).
+        d_ff = find_target(base, config).d_ff
+        config = dataclasses.replace(config, top_k=d_ff, threshold=0.0)
+    return patch(base, config, tokenizer=tokenizer)
+
+
+def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_dir: str | os.PathLike | None,
+                 checkpoint_every: int, progress: bool) -> list[float]:
+    seconds = [float(e.metadata.get("seconds", "nan")) for e in memoir.edits]
+    bar = tqdm(records[len(seconds):], desc="edits", unit="edit", initial=len(seconds), total=len(records),
+               disable=not progress)
+    for record in bar:
+        result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
+        memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
+        seconds.append(result.seconds)
+        bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
+        if checkpoint_dir is not None and (len(seconds) % checkpoint_every == 0 or len(seconds) == len(records)):
+            memoir.save_pretrained(checkpoint_dir)
+    return seconds
+
+
+@dataclasses.dataclass
+class _Scores:
+    """For each prompt set: scores routed to the nearest edit, and with the memory off."""
+
+    routed: dict[str, list[Scored]]
+    off: dict[str, list[Scored]]
+
+
+def _score_everything(memoir: MemoirModel, records: Sequence[EvalRecord]) -> _Scores:
+    sets = {"rel": [(r.prompt, r.target) for r in records],
+            "gen": [(r.rephrase, r.target) for r in records if r.rephrase is not None],
+            "loc": [(r.loc, r.loc_ans) for r in records if r.loc is not None]}
+    with _threshold(memoir, 0.0):
+        routed = {name: score_pairs(memoir, pairs) for name, pairs in sets.items()}
+    with memoir.disable_memory():
+        off = {name: score_pairs(memoir, pairs) for name, pairs in sets.items()}
+    return _Scores(routed, off)
+
+
+@contextmanager
+def _threshold(memoir: MemoirModel, value: float) -> Iterator[None]:
+    previous = memoir.memoir_config.threshold
+    memoir.memoir_config.threshold = value
+    try:
+        yield
+    finally:
+        memoir.memoir_config.threshold = previous
+
+
+def _chosen(scores: _Scores, name: str, tau: float) -> list[Scored]:
+    """Per prompt, the routed score when its nearest edit overlaps >= τ, else the memory-off score."""
+    return [routed if routed.routing is not None and routed.routing.overlap >= tau else off
+            for routed, off in zip(scores.routed[name], scores.off[name], strict=True)]
+
+
+def _metrics(scores: _Scores, records: Sequence[EvalRecord], tau: float) -> dict[str, float]:
+    rel = _chosen(scores, "rel", tau)
+    metrics = {"rel": mean([token_accuracy(s.predicted, s.target) for s in rel]),
+               "rel_ppl": mean([perplexity(s.token_nll) for s in rel])}
+    if scores.routed["gen"]:
+        metrics["gen"] = mean([token_accuracy(s.predicted, s.target) for s in _chosen(scores, "gen", tau)])
+    if scores.routed["loc"]:
+        metrics["loc"] = mean([agreement(before.predicted, after.predicted)
+                               for before, after in zip(scores.off["loc"], _chosen(scores, "loc", tau), strict=True)])
+    return metrics
+
+
+def _routing_confusion(scores: _Scores, records: Sequence[EvalRecord], memoir: MemoirModel,
+                       tau: float) -> dict[str, dict[str, int]]:
+    """How many prompts of each set read their own edit, another edit (same subject or not), or none."""
+    subject_of_index = {r.index: r.subject for r in records}
+    index_of_edit = {e.edit_id: e.metadata.get("eval_index") for e in memoir.store.records}
+    owners = {"rel": list(records), "gen": [r for r in records if r.rephrase is not None],
+              "loc": [r for r in records if r.loc is not None]}
+    confusion = {}
+    for name, routed in scores.routed.items():
+        counts = {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 0, "no_edit": 0}
+        for record, score in zip(owners[name], routed, strict=True):
+            decision = score.routing
+            if decision is None or decision.overlap < tau:
+                counts["no_edit"] += 1
+            elif name == "loc":
+                counts["other_edit"] += 1  # a loc prompt is about none of the edits
+            elif index_of_edit[decision.nearest_edit_id] == record.index:
+                counts["own_edit"] += 1
+            elif record.subject is not None and \
+                    subject_of_index.get(index_of_edit[decision.nearest_edit_id]) == record.subject:
+                counts["other_edit_same_subject"] += 1
+            else:
+                counts["other_edit"] += 1
+        confusion[name] = counts
+    return confusion
