@@ -25,6 +25,9 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="memoir", choices=METHODS)
     parser.add_argument("--threshold", type=float, default=None,
                         help="routing threshold τ; default: calibrated from the edits and generic text")
+    parser.add_argument("--calibration-texts", default=None,
+                        help="unrelated texts to calibrate τ against (a text file, one a line, or a JSON list); "
+                             "default: the generic prompts shipped with memoir_hf")
     parser.add_argument("--config", default=None, help="JSON file of MemoirConfig settings")
     parser.add_argument("--out", default=None, help="where to write the JSON report")
     parser.add_argument("--plot", default=None, help="where to write a PNG of Rel/Gen/Loc against τ")
@@ -39,6 +42,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .config import MemoirConfig
+    from .evaluation.datasets import load_texts
     from .evaluation.harness import run
 
     if args.edits < 1:
@@ -52,9 +56,10 @@ def _run_eval(args: argparse.Namespace) -> int:
             raise _UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     config = MemoirConfig.from_dict(_read_json(args.config)) if args.config else None
+    texts = load_texts(args.calibration_texts) if args.calibration_texts else None
     report = run(args.model, args.data, format=args.format, edits=args.edits, method=args.method, config=config,
                  threshold=args.threshold, out=args.out, plot=args.plot, checkpoint_dir=args.checkpoint_dir,
-                 checkpoint_every=args.checkpoint_every, strict_data=args.strict_data)
+                 checkpoint_every=args.checkpoint_every, strict_data=args.strict_data, calibration_texts=texts)
     metrics = " ".join(f"{k}={v:.3f}" for k, v in report["metrics"].items())
     print(f"{report['method']} T={report['edits']} τ={report['threshold']:.3f} {metrics} "
           f"success={report['edit_success_rate']:.3f} {report['seconds_per_edit']:.2f} s/edit")

@@ -605,3 +605,27 @@ def test_context_limit_comes_from_the_model():
     assert memoir.edit(prompt, "y").edit_id == 0  # 253 + 2 tokens fit
     with pytest.raises(EditInputError, match="256"):
         memoir.edit("x" * (MAX_POSITIONS - 1), "y")
+
+
+# -- threshold calibration ------------------------------------------------------------------------
+
+
+def test_calibrate_threshold_sets_tau_between_unrelated_text_and_the_edits():
+    tok = make_byte_tokenizer()
+    memoir = memoir_hf.patch(make_tiny_model("llama"), MemoirConfig(threshold=0.9, prefix_starts=("I", "You"),
+                                                                    prefix_lengths=(3,)), tokenizer=tok)
+    with pytest.raises(MemoirError, match="edit first"):
+        memoir.calibrate_threshold()
+    memoir.edit("The cat sat on the", "mat")
+    memoir.edit("Bob likes to eat", "figs")
+    unrelated = ["Quantum fields fluctuate", "A b c d e", "zzz yyy xxx", "Rivers flow to the sea"]
+    calibration = memoir.calibrate_threshold(unrelated, negative_quantile=1.0)
+    assert memoir.memoir_config.threshold == calibration.threshold
+    assert calibration.negatives == len(unrelated) and calibration.positives == 2 * len(memoir.prefixes)
+    assert calibration.negative_quantile < calibration.threshold <= 1.0
+    for text in unrelated:
+        with torch.no_grad():
+            memoir(**tok([text], return_tensors="pt"))
+        assert memoir.routing[0].edit_id is None, text
+    with pytest.raises(MemoirError, match="non-empty"):
+        memoir.calibrate_threshold([])

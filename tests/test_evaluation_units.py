@@ -867,3 +867,35 @@ def test_plots_without_matplotlib_raise_memoir_error(tmp_path, monkeypatch):
     with pytest.raises(MemoirError, match="matplotlib"):
         plots.plot_sweep(report(), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+# -- calibration texts ---------------------------------------------------------------------------
+
+
+def test_calibration_texts_from_text_and_json_files(tmp_path):
+    from memoir_hf.evaluation.datasets import load_texts
+
+    (tmp_path / "t.txt").write_text("first text\n\n  second text  \n", encoding="utf-8")
+    assert load_texts(tmp_path / "t.txt") == ["first text", "second text"]
+    write_json(tmp_path / "s.json", ["a question", "another"])
+    assert load_texts(tmp_path / "s.json") == ["a question", "another"]
+    write_json(tmp_path / "o.json", [{"index": 0, "loc_prompt": "nq question: x y"}, {"prompt": "p"}])
+    assert load_texts(tmp_path / "o.json") == ["nq question: x y", "p"]
+
+
+@pytest.mark.parametrize("content", [[{"index": 0}], [""], [3]])
+def test_calibration_texts_refuse_unusable_items(tmp_path, content):
+    from memoir_hf.evaluation.datasets import load_texts
+
+    with pytest.raises(DataError, match="record 0"):
+        load_texts(write_json(tmp_path / "bad.json", content))
+
+
+def test_calibration_texts_refuse_missing_or_empty_files(tmp_path):
+    from memoir_hf.evaluation.datasets import load_texts
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_texts(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no text"):
+        load_texts(tmp_path / "empty.txt")

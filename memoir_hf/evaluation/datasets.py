@@ -159,3 +159,26 @@ def _field(row: dict[str, Any], key: str, *, required: bool, blank_ok: bool, whe
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: field {key!r} is not a non-empty string ({value!r:.40}).")
     return value
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Unrelated texts for threshold calibration: a text file (one a line) or a JSON list of strings
+    or of objects with a ``loc_prompt`` or ``prompt`` field (e.g. the ZsRE train loc prompts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"calibration text file {path} does not exist.")
+    if path.suffix != ".json":
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = [_text_of(item, path, i) for i, item in _json_rows(path)]
+    if not texts:
+        raise DataError(f"{path} holds no text.")
+    return texts
+
+
+def _text_of(item: Any, path: Path, index: int) -> str:
+    if isinstance(item, dict):
+        item = item.get("loc_prompt", item.get("prompt"))
+    if not isinstance(item, str) or not item.strip():
+        raise DataError(f"{path.name} record {index}: expected a string or an object with 'loc_prompt' or 'prompt'.")
+    return item

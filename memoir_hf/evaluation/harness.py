@@ -43,11 +43,12 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = 
         method: str = "memoir", config: MemoirConfig | None = None, threshold: float | None = None,
         out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, progress: bool = True,
-        strict_data: bool = False) -> dict[str, Any]:
+        strict_data: bool = False, calibration_texts: Sequence[str] | None = None) -> dict[str, Any]:
     """Edit ``edits`` records of ``data`` one after another, then evaluate; returns (and writes) the report.
 
     ``model`` is a built-in name (smollm2, gemma3-270m), a local path or Hub id, or a (model,
-    tokenizer) pair. ``threshold`` None calibrates τ with ``calibrate_threshold`` (memoir only).
+    tokenizer) pair. ``threshold`` None calibrates τ with ``calibrate_threshold`` (memoir only) against
+    ``calibration_texts`` (default: the generic prompts shipped with memoir_hf; never the test set).
     With ``checkpoint_dir``, the memory is saved every ``checkpoint_every`` edits and a rerun resumes.
     """
     _check_arguments(method, edits, threshold, checkpoint_every)
@@ -56,7 +57,8 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = 
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
     try:
-        report = _edit_and_evaluate(memoir, records, method, threshold, checkpoint_dir, checkpoint_every, progress)
+        report = _edit_and_evaluate(memoir, records, method, threshold, checkpoint_dir, checkpoint_every, progress,
+                                    calibration_texts)
     finally:
         memoir.unpatch()
     report.update({"model": model if isinstance(model, str) else type(base).__name__, "data": str(data),
@@ -86,13 +88,13 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
 
 
 def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], method: str, threshold: float | None,
-                       checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
-                       progress: bool) -> dict[str, Any]:
+                       checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, progress: bool,
+                       calibration_texts: Sequence[str] | None) -> dict[str, Any]:
     seconds = _apply_edits(memoir, records, checkpoint_dir, checkpoint_every, progress)
     calibration = None
     if method == "memoir":
         if threshold is None:
-            calibration = dataclasses.asdict(memoir.calibrate_threshold())
+            calibration = dataclasses.asdict(memoir.calibrate_threshold(calibration_texts))
         else:
             memoir.memoir_config.threshold = threshold
     scores = _score_everything(memoir, records)

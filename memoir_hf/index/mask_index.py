@@ -21,6 +21,16 @@ def faiss_available() -> bool:
     return faiss is not None
 
 
+def _on_fastest_device(index):
+    """The index on a GPU when faiss-gpu and a GPU are present, else the CPU index itself."""
+    if not hasattr(faiss, "GpuIndexBinaryFlat") or faiss.get_num_gpus() < 1:
+        return index
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.GpuIndexBinaryFlat(resources, index)
+    gpu_index.resources = resources  # keep the GPU resources alive as long as the index
+    return gpu_index
+
+
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """Bool [n, bits] to uint8 [n, ceil(bits / 8)] (little-endian bits, zero padded)."""
     return np.packbits(np.asarray(masks, dtype=bool), axis=1, bitorder="little")
@@ -44,7 +54,7 @@ class MaskIndex:
         self.n_bytes = (n_bits + 7) // 8
         self.use_faiss = faiss_available() if use_faiss is None else use_faiss
         self.codes = np.zeros((0, self.n_bytes), dtype=np.uint8)
-        self._faiss_index = faiss.IndexBinaryFlat(self.n_bytes * 8) if self.use_faiss else None
+        self._faiss_index = _on_fastest_device(faiss.IndexBinaryFlat(self.n_bytes * 8)) if self.use_faiss else None
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -65,7 +75,7 @@ class MaskIndex:
         if faiss is None:
             return False
         index = self._faiss_index
-        if index is None:
+        if not isinstance(index, faiss.IndexBinaryFlat):  # searching on NumPy or on a GPU
             index = faiss.IndexBinaryFlat(self.n_bytes * 8)
             index.add(self.codes)
         faiss.write_index_binary(index, str(path))
@@ -84,7 +94,7 @@ class MaskIndex:
         stored = faiss.vector_to_array(saved.xb).reshape(-1, self.n_bytes) if len(self) else self.codes
         if not np.array_equal(stored, self.codes):
             return False
-        self._faiss_index = saved
+        self._faiss_index = _on_fastest_device(saved)
         return True
 
     def mask(self, position: int) -> np.ndarray:
@@ -107,10 +117,10 @@ class MaskIndex:
     def _search_faiss(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         distances, candidates = self._faiss_index.search(codes, min(2, len(self)))
         best, chosen = distances[:, 0].astype(np.int64), candidates[:, 0].astype(np.int64)
-        # FAISS breaks ties arbitrarily; fetch every mask at the best distance and take the newest.
-        for i in np.flatnonzero(distances[:, -1] == best) if distances.shape[1] > 1 else ():
-            _, tied_distances, tied = self._faiss_index.range_search(codes[i:i + 1], int(best[i]) + 1)
-            chosen[i] = tied[tied_distances == best[i]].max()
+        # FAISS breaks ties arbitrarily: where the two nearest tie, scan exactly and take the newest.
+        tied = np.flatnonzero(distances[:, -1] == best) if distances.shape[1] > 1 else []
+        if len(tied):
+            chosen[tied] = self._search_numpy(codes[tied])[1]
         return best, chosen
 
     def _search_numpy(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
