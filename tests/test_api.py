@@ -629,3 +629,13 @@ def test_calibrate_threshold_sets_tau_between_unrelated_text_and_the_edits():
         assert memoir.routing[0].edit_id is None, text
     with pytest.raises(MemoirError, match="non-empty"):
         memoir.calibrate_threshold([])
+
+
+def test_an_edit_that_runs_out_of_steps_returns_unsuccessful_with_its_loss():
+    tok = make_byte_tokenizer()
+    memoir = memoir_hf.patch(make_tiny_model("llama"), MemoirConfig(threshold=0.9, prefix_starts=(),
+                                                                    max_steps=1, learning_rate=1e-6), tokenizer=tok)
+    result = memoir.edit("The cat sat on the", "mat")
+    assert result.steps == 1 and not result.success and result.target_accuracy < 1.0
+    assert result.loss > memoir.memoir_config.stop_loss and result.loss == memoir.edits[0].loss
+    assert memoir.edits[0].success is False and len(memoir.edits) == 1
