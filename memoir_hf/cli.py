@@ -19,7 +19,8 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
                                  description="The MEMOIR/WISE/GRACE protocol: T sequential edits, one evaluation "
                                              "after the last. Writes a JSON report.")
     parser.add_argument("--model", required=True, help="built-in name (smollm2, gemma3-270m), local path or Hub id")
-    parser.add_argument("--data", required=True, help="benchmark file (e.g. ZsRE/zsre_mend_edit.json)")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="benchmark file(s) of one format, edited in this order (e.g. ZsRE/zsre_mend_edit.json)")
     parser.add_argument("--format", default="zsre", choices=FORMATS)
     parser.add_argument("--edits", type=int, default=100, help="number of sequential edits T (default 100)")
     parser.add_argument("--method", default="memoir", choices=METHODS)
@@ -57,7 +58,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = MemoirConfig.from_dict(_read_json(args.config)) if args.config else None
     texts = load_texts(args.calibration_texts) if args.calibration_texts else None
-    report = run(args.model, args.data, format=args.format, edits=args.edits, method=args.method, config=config,
+    data = args.data[0] if len(args.data) == 1 else args.data
+    report = run(args.model, data, format=args.format, edits=args.edits, method=args.method, config=config,
                  threshold=args.threshold, out=args.out, plot=args.plot, checkpoint_dir=args.checkpoint_dir,
                  checkpoint_every=args.checkpoint_every, strict_data=args.strict_data, calibration_texts=texts)
     metrics = " ".join(f"{k}={v:.3f}" for k, v in report["metrics"].items())

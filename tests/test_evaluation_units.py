@@ -899,3 +899,16 @@ def test_calibration_texts_refuse_missing_or_empty_files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     with pytest.raises(DataError, match="no text"):
         load_texts(tmp_path / "empty.txt")
+
+
+def test_several_data_files_are_edited_in_order_with_unique_indices(tmp_path):
+    from memoir_hf.evaluation.datasets import load_many
+
+    first = write_json(tmp_path / "a.json", [zsre_row(0), zsre_row(1)])
+    second = write_json(tmp_path / "b.json", [zsre_row(10), zsre_row(11), zsre_row(12)])
+    records = load_many([first, second], "zsre")
+    assert [r.index for r in records] == [0, 1, 2, 3, 4]
+    assert [r.prompt for r in records] == [r.prompt for r in load_records(first, "zsre") + load_records(second, "zsre")]
+    assert [r.index for r in load_many([first, second], "zsre", limit=3)] == [0, 1, 2]
+    assert [r.index for r in load_many([first, second], "zsre", limit=2)] == [0, 1]
+    assert load_many(first, "zsre") == load_records(first, "zsre")

@@ -7,8 +7,10 @@ a warning or, with ``strict=True``, refused with a DataError; it is never silent
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,23 @@ def load_records(path: str | Path, format: str, *, limit: int | None = None, str
                  "without a locality check")
     if not records:
         raise DataError(f"{path} holds no usable {format} record.")
+    return records
+
+
+def load_many(paths: str | Path | Sequence[str | Path], format: str, *, limit: int | None = None,
+              strict: bool = False) -> list[EvalRecord]:
+    """Records of one file, or of several in order; indices run on across files so they stay unique."""
+    if isinstance(paths, (str, Path)):
+        return load_records(paths, format, limit=limit, strict=strict)
+    records: list[EvalRecord] = []
+    offset = 0
+    for path in paths:
+        remaining = None if limit is None else limit - len(records)
+        if remaining == 0:
+            break
+        part = load_records(path, format, limit=remaining, strict=strict)
+        records += [dataclasses.replace(r, index=r.index + offset) for r in part]
+        offset = records[-1].index + 1
     return records
 
 

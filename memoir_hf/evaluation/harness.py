@@ -31,7 +31,7 @@ from ..model import MemoirModel, patch
 from ..offline_models import load_model
 from ..patching.target import find_target
 from ..persistence.checkpoint import is_checkpoint
-from .datasets import EvalRecord, load_records
+from .datasets import EvalRecord, load_many
 from .metrics import agreement, mean, perplexity, token_accuracy
 from .scoring import Scored, score_pairs
 
@@ -39,12 +39,16 @@ METHODS = ("memoir", "ft-l")
 SWEEP = tuple(round(t, 2) for t in np.arange(0.30, 1.001, 0.02))
 
 
-def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = "zsre", edits: int = 100,
+def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | os.PathLike], *, format: str = "zsre",
+        edits: int = 100,
         method: str = "memoir", config: MemoirConfig | None = None, threshold: float | None = None,
         out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
         checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, progress: bool = True,
         strict_data: bool = False, calibration_texts: Sequence[str] | None = None) -> dict[str, Any]:
     """Edit ``edits`` records of ``data`` one after another, then evaluate; returns (and writes) the report.
+
+    ``data`` is one file or several of the same format, edited in the order given (to go beyond the
+    size of one file, e.g. the ZsRE edit set followed by ZsRE train records).
 
     ``model`` is a built-in name (smollm2, gemma3-270m), a local path or Hub id, or a (model,
     tokenizer) pair. ``threshold`` None calibrates τ with ``calibrate_threshold`` (memoir only) against
@@ -53,7 +57,7 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = 
     """
     _check_arguments(method, edits, threshold, checkpoint_every)
     started = time.perf_counter()
-    records = load_records(data, format, limit=edits, strict=strict_data)
+    records = load_many(data, format, limit=edits, strict=strict_data)
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
     try:
@@ -61,7 +65,8 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike, *, format: str = 
                                     calibration_texts)
     finally:
         memoir.unpatch()
-    report.update({"model": model if isinstance(model, str) else type(base).__name__, "data": str(data),
+    report.update({"model": model if isinstance(model, str) else type(base).__name__,
+                   "data": str(data) if isinstance(data, (str, os.PathLike)) else [str(d) for d in data],
                    "format": format, "wall_seconds": time.perf_counter() - started})
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

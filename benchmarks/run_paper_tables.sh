@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The long runs of the results table: ZsRE T=1000, CounterFact T=1000, hallucination T=600 on SmolLM2,
+# and ZsRE T=100 / T=1000 on Gemma-3-270M. Hours on 2 CPU cores; every run checkpoints its memory every
+# 50 edits under benchmarks/checkpoints/ and rerunning this script resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE
+DATA=${MEMOIR_DATA_DIR:-../shared/data}
+RESULTS=benchmarks/results
+# Irrelevant samples for threshold calibration, as WISE uses them: never the test set's own loc prompts.
+ZSRE_NEGATIVES=$DATA/ZsRE/zsre_mend_train_first1000_loc_prompts.RECONSTRUCTED.json
+
+evaluate() {  # name model data... format T [extra args...]
+  local name=$1 model=$2
+  shift 2
+  local data=()
+  while [[ "$1" == *.json ]]; do data+=("$1"); shift; done
+  local format=$1 edits=$2
+  shift 2
+  memoir-hf eval --model "$model" --data "${data[@]}" --format "$format" --edits "$edits" --threads 2 \
+    --checkpoint-dir "benchmarks/checkpoints/$name" --checkpoint-every 50 \
+    --out "$RESULTS/$name.json" --plot "$RESULTS/${name}_sweep.png" "$@"
+}
+
+evaluate zsre_smollm2_memoir_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --config configs/smollm2-135m.json --calibration-texts "$ZSRE_NEGATIVES"
+# Beyond 1000: the 1,037 ZsRE edit records, then the 998 usable records of the ZsRE train subset.
+evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
+  "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
+  --config configs/smollm2-135m.json --calibration-texts "$ZSRE_NEGATIVES"
+evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
+  --config configs/smollm2-135m.json
+evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
+  --config configs/smollm2-135m.json
+evaluate zsre_gemma3_memoir_T100 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 100 \
+  --calibration-texts "$ZSRE_NEGATIVES"
+evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --calibration-texts "$ZSRE_NEGATIVES"
