@@ -6,6 +6,8 @@ import os
 
 # Before torch loads: spinning OpenMP threads slow a shared 2-core machine down several times.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Tests never download: a model or tokenizer that is not on disk must fail at once, not hang.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
