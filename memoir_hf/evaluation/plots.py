@@ -43,12 +43,13 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     """Rel/Gen/Loc against the number of sequential edits T, one line per method."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in reports}):
+    for method in sorted({r["method"] for r in reports}, key=lambda m: m != "memoir"):
         rows = sorted((r for r in reports if r["method"] == method), key=lambda r: r["edits"])
-        for key, label in _CURVES:
+        style = {"linestyle": "-", "marker": "o"} if method == "memoir" else {"linestyle": ":", "marker": "s"}
+        for colour, (key, label) in enumerate(_CURVES):
             if key in rows[0]["metrics"]:
-                axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], marker="o",
-                          label=f"{method} {label}", linestyle="-" if method == "memoir" else ":")
+                axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], color=f"C{colour}",
+                          label=f"{method} {label}", **style)
     axis.set(xscale="log", xlabel="sequential edits T", ylabel="score", ylim=(-0.02, 1.02),
              title=f"{reports[0]['model']} · {reports[0]['format']}")
     axis.legend(fontsize="small")
