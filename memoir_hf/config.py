@@ -9,6 +9,7 @@ from typing import Any
 from .errors import MemoirConfigError
 
 AGGREGATIONS = ("mean_minus_background", "mean", "last")
+STRUCTURAL = ("layer", "top_k", "aggregation", "seed", "background_prompts")
 
 # The paper edits layer 27 of LLaMA-3-8B's 32: a late layer, at this fraction of the depth.
 DEFAULT_LAYER_FRACTION = 27 / 32
@@ -51,10 +52,8 @@ class MemoirConfig:
     """Texts for the background vector; None uses the generic prompts shipped in the package."""
 
     def __post_init__(self) -> None:
-        self.prefix_starts = tuple(self.prefix_starts)
-        self.prefix_lengths = tuple(self.prefix_lengths)
-        if self.background_prompts is not None:
-            self.background_prompts = tuple(self.background_prompts)
+        for name in ("prefix_starts", "prefix_lengths", "background_prompts"):
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
         self.validate()
         object.__setattr__(self, "_validated", True)
 
@@ -64,6 +63,11 @@ class MemoirConfig:
             return
         if name not in {f.name for f in dataclasses.fields(self)}:
             raise MemoirConfigError(f"MemoirConfig has no setting {name!r}; known settings: {', '.join(self.keys())}.")
+        if name in STRUCTURAL and getattr(self, "_locked", False):
+            raise MemoirConfigError(f"{name} is fixed once a model is patched (the stored masks depend on it); "
+                                    "patch a fresh model with a new MemoirConfig to change it.")
+        if name in ("prefix_starts", "prefix_lengths", "background_prompts"):
+            value = _as_tuple(name, value)
         previous = getattr(self, name)
         object.__setattr__(self, name, value)
         try:
@@ -71,6 +75,10 @@ class MemoirConfig:
         except MemoirConfigError:
             object.__setattr__(self, name, previous)
             raise
+
+    def lock_structure(self) -> None:
+        """Called when a model is patched with this config: structural settings may no longer change."""
+        object.__setattr__(self, "_locked", True)
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -114,6 +122,14 @@ class MemoirConfig:
             raise MemoirConfigError(f"top_k={self.top_k!r} gives k={k} columns, but the layer has d_ff={d_ff}; "
                                     f"use an int in [1, {d_ff}] or a fraction in (0, 1).")
         return k
+
+
+def _as_tuple(name: str, value: Any) -> tuple | None:
+    if value is None and name == "background_prompts":
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise MemoirConfigError(f"{name} must be a list or tuple, got {type(value).__name__} {value!r:.40}.")
+    return tuple(value)
 
 
 def _jsonable(value: Any) -> Any:

@@ -40,8 +40,15 @@ from .memory.layer import MemoirLayer
 from .memory.store import EditRecord, EditStore, utc_now
 from .patching.target import PatchTarget, find_target
 from .persistence.atomic import atomic_folder, recover_interrupted_swap
-from .persistence.base_model import save_base_model
-from .persistence.checkpoint import MEMOIR_FILES, Checkpoint, read_checkpoint, restore_store, write_checkpoint
+from .persistence.base_model import BASE_MODEL_FILES, save_base_model
+from .persistence.checkpoint import (
+    MEMOIR_FILES,
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    restore_store,
+    write_checkpoint,
+)
 from .persistence.fingerprint import base_fingerprint, check_fingerprint, check_model_type
 from .routing.calibration import Calibration, choose_threshold
 from .routing.router import Router, RoutingDecision
@@ -69,8 +76,9 @@ class MemoirModel(nn.Module):
         layer.tophash = TopHash(target.d_ff, target.top_k, config.aggregation, config.seed, device=layer.device)
         store = EditStore(target.d_ff, target.top_k, use_faiss=use_faiss)
 
+        config.lock_structure()
         self.base_model = model
-        self.memoir_config = config
+        self._memoir_config = config
         self.target = target
         self.tokenizer = tokenizer
         self.store = store
@@ -118,6 +126,12 @@ class MemoirModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
 
     # -- state ------------------------------------------------------------------------------
+    @property
+    def memoir_config(self) -> MemoirConfig:
+        """This memory's settings: a copy of the config passed at patch time. Threshold and optimiser
+        settings may be changed on it; structural ones are fixed."""
+        return self._memoir_config
+
     @property
     def layer(self) -> MemoirLayer:
         return self._layer
@@ -192,7 +206,7 @@ class MemoirModel(nn.Module):
             with self._frozen_prefix(batch):
                 outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config)
         self._layer.write_columns(columns, outcome.columns_value)
-        record = EditRecord(self.store.new_id(), fact.prompt, fact.target, fact.metadata, utc_now(),
+        record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
                             loss=outcome.loss)
         self.store.add(record, mask)
         accuracy, routed = self._check_edit(encoded)
@@ -225,6 +239,8 @@ class MemoirModel(nn.Module):
         self._check_patched()
         if not len(self.store):
             raise MemoirError("calibrate_threshold needs stored edits: edit first, then calibrate.")
+        if isinstance(unrelated_texts, str):
+            raise MemoirError("unrelated_texts must be a list of strings, not one string.")
         texts = list(unrelated_texts) if unrelated_texts is not None else default_background_prompts()
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
             raise MemoirError("unrelated_texts must be a non-empty list of non-empty strings.")
@@ -264,21 +280,19 @@ class MemoirModel(nn.Module):
 
     def _ensure_prefixes(self) -> None:
         if self.prefixes is None:
-            with self.router.disabled():
+            with self.router.preserved(), self.router.disabled():
                 self.prefixes = generate_prefixes(self.base_model, self._require_tokenizer(),
                                                   self.memoir_config.prefix_starts, self.memoir_config.prefix_lengths)
 
     @torch.no_grad()
     def _check_edit(self, encoded: EncodedFact) -> tuple[float, int | None]:
         """Teacher-forced accuracy of the target after the plain prompt, read through routing."""
-        previous = self.router.decisions
         input_ids = torch.tensor([encoded.ids], device=self._layer.device)
         prompt_mask = torch.zeros_like(input_ids)
         prompt_mask[:, :len(encoded.prompt_ids)] = 1
-        with self._inference_mode(), self.router.prompt_mask(prompt_mask):
+        with self._inference_mode(), self.router.preserved(), self.router.prompt_mask(prompt_mask):
             logits = target_logits(self.base_model, input_ids, torch.ones_like(input_ids), len(encoded.target_ids))
-        routed = self.router.decisions[0].edit_id
-        self.router.decisions = previous
+            routed = self.router.decisions[0].edit_id
         target = torch.tensor(encoded.target_ids, device=logits.device)
         return float((logits[0].argmax(-1) == target).float().mean()), routed
 
@@ -300,7 +314,8 @@ class MemoirModel(nn.Module):
         Files already in the folder that this save does not write are kept.
         """
         self._check_patched()
-        with atomic_folder(save_directory, owned=MEMOIR_FILES) as folder:
+        owned = MEMOIR_FILES + (BASE_MODEL_FILES if save_base else ())
+        with atomic_folder(save_directory, owned=owned) as folder:
             if save_base:
                 with self._original_layout():
                     save_base_model(self.base_model, self.tokenizer, folder)
@@ -320,8 +335,13 @@ class MemoirModel(nn.Module):
                use_faiss: bool | None = None) -> MemoirModel:
         """Attach an already read checkpoint to a base model (see from_pretrained)."""
         check_model_type(checkpoint.fingerprint, model)
+        saved_k = checkpoint.manifest["target"].get("top_k")
         config = dataclasses.replace(checkpoint.config)
         object.__setattr__(config, "layer", checkpoint.module_name)
+        if find_target(model, config).top_k != saved_k:
+            raise CheckpointError(f"{checkpoint.folder}: the saved masks have k={saved_k} active columns but the "
+                                  f"saved config resolves to k={find_target(model, config).top_k}; the files do "
+                                  "not belong together.")
         return cls(model, config, tokenizer, use_faiss=use_faiss, checkpoint=checkpoint)
 
     def _manifest(self) -> dict[str, Any]:

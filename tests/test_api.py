@@ -639,3 +639,84 @@ def test_an_edit_that_runs_out_of_steps_returns_unsuccessful_with_its_loss():
     assert result.steps == 1 and not result.success and result.target_accuracy < 1.0
     assert result.loss > memoir.memoir_config.stop_loss and result.loss == memoir.edits[0].loss
     assert memoir.edits[0].success is False and len(memoir.edits) == 1
+
+
+# -- review fixes: locked structure, prompt_mask shape, routing state, user caches ---------------
+
+
+def _patched(**overrides):
+    tok = make_byte_tokenizer()
+    settings = {"threshold": 0.9, "prefix_starts": ("I",), "prefix_lengths": (3,), **overrides}
+    return memoir_hf.patch(make_tiny_model("llama"), MemoirConfig(**settings), tokenizer=tok), tok
+
+
+@pytest.mark.parametrize("name, value", [("top_k", 0.1), ("aggregation", "last"), ("seed", 3), ("layer", 0)])
+def test_structural_settings_are_fixed_once_patched(name, value):
+    memoir, _ = _patched()
+    with pytest.raises(MemoirConfigError, match="fixed once a model is patched"):
+        setattr(memoir.memoir_config, name, value)
+    memoir.memoir_config.threshold = 0.7
+    assert memoir.memoir_config.threshold == 0.7
+    with pytest.raises(AttributeError):
+        memoir.memoir_config = MemoirConfig()
+
+
+@pytest.mark.parametrize("value", ["Q: ", 5])
+def test_sequence_settings_refuse_strings_and_scalars(value):
+    with pytest.raises(MemoirConfigError, match="prefix_starts"):
+        MemoirConfig(prefix_starts=value)
+    config = MemoirConfig()
+    with pytest.raises(MemoirConfigError, match="prefix_starts"):
+        config.prefix_starts = value
+
+
+def test_prompt_mask_of_the_wrong_shape_is_refused():
+    memoir, tok = _patched()
+    memoir.edit("The cat sat on the", "mat")
+    ids = torch.tensor([tok("The cat sat on the mat")["input_ids"]])
+    with pytest.raises(MemoirError, match="prompt_mask"):
+        memoir(input_ids=ids, prompt_mask=torch.ones(1, ids.shape[1] - 1))
+
+
+def test_an_edit_leaves_the_cached_decoding_decision_alone():
+    memoir, tok = _patched()
+    memoir.edit("The cat sat on the", "mat")
+    ids = torch.tensor([tok("Quantum fields fluctuate")["input_ids"]])
+    with torch.no_grad():
+        out = memoir(input_ids=ids, use_cache=True)
+    before = memoir.routing
+    memoir.edit("Bob likes to eat", "figs")
+    assert memoir.routing == before and memoir.router._routed is None
+    with torch.no_grad():
+        memoir(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+    assert memoir.routing == before
+
+
+def test_generate_with_a_user_cache_decides_from_its_own_first_step():
+    memoir, tok = _patched()
+    memoir.edit("The cat sat on the", "mat")
+    prompt = torch.tensor([tok("The cat sat on the")["input_ids"]])
+    with torch.no_grad():
+        memoir(input_ids=torch.tensor([tok("Quantum fields fluctuate")["input_ids"]]))
+    stale = memoir.routing
+    with torch.no_grad():
+        cache = memoir.base_model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
+    memoir.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                    max_new_tokens=2, do_sample=False, pad_token_id=PAD_ID)
+    # Decided afresh in this generate (from the tokens not yet in the cache), not reused from the last call.
+    assert memoir.routing != stale and memoir.routing[0].nearest_edit_id == 0
+
+
+def test_saving_onto_a_file_is_a_clear_error(tmp_path):
+    memoir, _ = _patched()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MemoirError, match="not a folder"):
+        memoir.save_pretrained(tmp_path / "file")
+
+
+def test_asking_for_faiss_without_faiss_is_a_clear_error(monkeypatch):
+    from memoir_hf.index import mask_index
+
+    monkeypatch.setattr(mask_index, "faiss", None)
+    with pytest.raises(MemoirError, match="pip install faiss-cpu"):
+        mask_index.MaskIndex(8, 2, use_faiss=True)

@@ -588,7 +588,7 @@ def hand_scores() -> _Scores:
     (2.0, {"rel": (0 + 0 + 0.5) / 3, "gen": 0.0, "loc": 1.0}),  # the "unedited" row of a report
 ])
 def test_metrics_choose_routed_or_off_per_prompt(tau, expected):
-    metrics = _metrics(hand_scores(), RECORDS, tau)
+    metrics = _metrics(hand_scores(), tau)
     assert set(metrics) == {"rel", "rel_ppl", "gen", "loc"}
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value), key
@@ -596,18 +596,17 @@ def test_metrics_choose_routed_or_off_per_prompt(tau, expected):
 
 def test_metrics_rel_ppl_follows_the_choice():
     scores = hand_scores()
-    assert _metrics(scores, RECORDS, 0.5)["rel_ppl"] == pytest.approx((2 + 2 + 4) / 3)
-    assert _metrics(scores, RECORDS, 0.7)["rel_ppl"] == pytest.approx((4 + 2 + 4) / 3)
-    assert _metrics(scores, RECORDS, 0.9)["rel_ppl"] == pytest.approx(4.0)
+    assert _metrics(scores, 0.5)["rel_ppl"] == pytest.approx((2 + 2 + 4) / 3)
+    assert _metrics(scores, 0.7)["rel_ppl"] == pytest.approx((4 + 2 + 4) / 3)
+    assert _metrics(scores, 0.9)["rel_ppl"] == pytest.approx(4.0)
 
 
 def test_metrics_single_record_rel_flips_at_the_overlap():
-    record = [EvalRecord(index=0, prompt="p", target="t")]
     scores = _Scores({"rel": [scored([1, 2], [1, 2], overlap=0.6, nearest=0)], "gen": [], "loc": []},
                      {"rel": [scored([7, 7], [1, 2])], "gen": [], "loc": []})
-    assert _metrics(scores, record, 0.5)["rel"] == 1.0
-    assert _metrics(scores, record, 0.7)["rel"] == 0.0
-    assert set(_metrics(scores, record, 0.5)) == {"rel", "rel_ppl"}  # no gen / loc prompts, no gen / loc keys
+    assert _metrics(scores, 0.5)["rel"] == 1.0
+    assert _metrics(scores, 0.7)["rel"] == 0.0
+    assert set(_metrics(scores, 0.5)) == {"rel", "rel_ppl"}  # no gen / loc prompts, no gen / loc keys
 
 
 def memoir_like(*edits: tuple[int, int]) -> SimpleNamespace:

@@ -30,6 +30,7 @@ from ..errors import MemoirConfigError, MemoirError
 from ..model import MemoirModel, patch
 from ..offline_models import load_model
 from ..patching.target import find_target
+from ..persistence.atomic import recover_interrupted_swap
 from ..persistence.checkpoint import is_checkpoint
 from .datasets import EvalRecord, load_many
 from .metrics import agreement, mean, perplexity, token_accuracy
@@ -108,13 +109,13 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
         "library_version": __version__, "method": method, "edits": len(records),
         "memoir_config": memoir.memoir_config.to_dict(), "patched_module": memoir.target.module_name,
         "threshold": tau, "calibration": calibration,
-        "metrics": _metrics(scores, records, tau),
-        "unedited": _metrics(scores, records, tau=2.0),
+        "metrics": _metrics(scores, tau),
+        "unedited": _metrics(scores, tau=2.0),
         "edit_success_rate": mean([float(r.success) for r in memoir.edits]),
         "seconds_per_edit": mean(seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
-        "sweep": [{"threshold": t, **_metrics(scores, records, t)} for t in SWEEP] if method == "memoir" else None,
+        "sweep": [{"threshold": t, **_metrics(scores, t)} for t in SWEEP] if method == "memoir" else None,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform()},
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -123,19 +124,28 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
 
 def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
             checkpoint_dir: str | os.PathLike | None, records: Sequence[EvalRecord]) -> MemoirModel:
-    if checkpoint_dir is not None and is_checkpoint(checkpoint_dir):
-        memoir = MemoirModel.from_pretrained(base, checkpoint_dir, tokenizer)
-        done = [(e.prompt, e.target) for e in memoir.edits]
-        if done != [(r.prompt, r.target) for r in records[:len(done)]]:
-            memoir.unpatch()
-            raise MemoirError(f"{checkpoint_dir} holds edits of another run; use a fresh checkpoint_dir.")
-        return memoir
     config = config or MemoirConfig()
     if method == "ft-l":
         # Fine-tuning the same down projection: every column, memory always on (no mask, no routing).
         d_ff = find_target(base, config).d_ff
         config = dataclasses.replace(config, top_k=d_ff, threshold=0.0)
-    return patch(base, config, tokenizer=tokenizer)
+    if checkpoint_dir is not None:
+        recover_interrupted_swap(checkpoint_dir)
+    if checkpoint_dir is None or not is_checkpoint(checkpoint_dir):
+        return patch(base, config, tokenizer=tokenizer)
+    memoir = MemoirModel.from_pretrained(base, checkpoint_dir, tokenizer)
+    done = [(e.prompt, e.target) for e in memoir.edits]
+    saved, wanted = (_run_settings(c) for c in (memoir.memoir_config, config))
+    if saved != wanted or done != [(r.prompt, r.target) for r in records[:len(done)]] or len(done) > len(records):
+        memoir.unpatch()
+        raise MemoirError(f"{checkpoint_dir} holds a run with other edits or settings (method, config or --edits); "
+                          "resume with the same command, or use a fresh checkpoint_dir.")
+    return memoir
+
+
+def _run_settings(config: MemoirConfig) -> dict[str, Any]:
+    """The settings a resumed run must share (τ is set after editing; the layer is saved by name)."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("threshold", "layer")}
 
 
 def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_dir: str | os.PathLike | None,
@@ -188,7 +198,7 @@ def _chosen(scores: _Scores, name: str, tau: float) -> list[Scored]:
             for routed, off in zip(scores.routed[name], scores.off[name], strict=True)]
 
 
-def _metrics(scores: _Scores, records: Sequence[EvalRecord], tau: float) -> dict[str, float]:
+def _metrics(scores: _Scores, tau: float) -> dict[str, float]:
     rel = _chosen(scores, "rel", tau)
     metrics = {"rel": mean([token_accuracy(s.predicted, s.target) for s in rel]),
                "rel_ppl": mean([perplexity(s.token_nll) for s in rel])}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import MemoirError
+
 try:
     import faiss
 except ImportError:  # pragma: no cover - exercised by forcing use_faiss=False in tests
@@ -48,7 +50,8 @@ class MaskIndex:
 
     def __init__(self, n_bits: int, top_k: int, *, use_faiss: bool | None = None):
         if use_faiss and faiss is None:
-            raise ImportError("faiss is not installed; pip install faiss-cpu (or faiss-gpu)")
+            raise MemoirError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu), or "
+                              "pass use_faiss=None to fall back to the exact NumPy search.")
         self.n_bits = n_bits
         self.top_k = top_k
         self.n_bytes = (n_bits + 7) // 8

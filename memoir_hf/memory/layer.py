@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 
 @dataclass
@@ -30,7 +29,7 @@ class ColumnEdit:
     """W_m[:, columns] in float32, [d_model, k]; the only tensor that gets gradient."""
 
 
-Router = Callable[[torch.Tensor], "RoutedRows | None"]
+RouteFn = Callable[[torch.Tensor], "RoutedRows | None"]
 
 
 class MemoirLayer(nn.Module):
@@ -49,13 +48,9 @@ class MemoirLayer(nn.Module):
         self.memory_weight = nn.Parameter(
             torch.zeros(d_model, d_ff, device=weight.device, dtype=weight.dtype), requires_grad=False
         )
-        self.router: Router | None = None
+        self.router: RouteFn | None = None
         self.observer: Callable[[torch.Tensor], None] | None = None
         self.column_edit: ColumnEdit | None = None
-
-    @property
-    def is_conv1d(self) -> bool:
-        return isinstance(self.base_layer, Conv1D)
 
     @property
     def device(self) -> torch.device:

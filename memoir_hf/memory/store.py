@@ -49,9 +49,6 @@ class EditStore:
         self.records.append(record)
         self.next_id = max(self.next_id, record.edit_id + 1)
 
-    def new_id(self) -> int:
-        return self.next_id
-
     def mask(self, position: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(self.index.mask(position)).to(device=device, dtype=dtype)
 

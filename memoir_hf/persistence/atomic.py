@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import fnmatch
 import glob
 import os
 import shutil
@@ -19,6 +20,8 @@ import warnings
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import MemoirError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -30,13 +33,13 @@ _TEMP_TAG = ".memoir-writing-"
 def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it replaces ``destination`` whole.
 
-    Files of ``destination`` the new save does not write are carried over, except those named in
-    ``owned`` (files this save is responsible for: a stale one must not survive).
+    Files of ``destination`` the new save does not write are carried over, except those matching a
+    glob pattern in ``owned`` (files this save is responsible for: a stale one must not survive).
     """
     destination = Path(destination).absolute()
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists() and not destination.is_dir():
-        raise NotADirectoryError(f"{destination} exists and is not a folder")
+        raise MemoirError(f"cannot save to {destination}: it exists and is not a folder; choose a folder path.")
     _remove_stale_temporaries(destination)
     temporary = destination.parent / f".{destination.name}{_TEMP_TAG}{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
@@ -55,7 +58,8 @@ def recover_interrupted_swap(destination: str | os.PathLike) -> None:
     destination = Path(destination).absolute()
     if destination.exists():
         return
-    previous = sorted(destination.parent.glob(f".{glob.escape(destination.name)}{_PREVIOUS_TAG}*"))
+    previous = sorted(destination.parent.glob(f".{glob.escape(destination.name)}{_PREVIOUS_TAG}*"),
+                      key=lambda path: path.stat().st_mtime)
     if previous:
         warnings.warn(f"{destination} was missing after an interrupted save; restored the previous checkpoint "
                       f"from {previous[-1].name}.", stacklevel=3)
@@ -66,7 +70,7 @@ def _carry_over(destination: Path, temporary: Path, owned: Collection[str]) -> N
     for source in destination.rglob("*"):
         relative = source.relative_to(destination)
         target = temporary / relative
-        if source.is_dir() or target.exists() or str(relative) in owned:
+        if source.is_dir() or target.exists() or any(fnmatch.fnmatch(str(relative), p) for p in owned):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         try:

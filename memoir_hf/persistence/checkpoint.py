@@ -145,6 +145,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
                               f"({FORMAT_VERSION}); upgrade memoir_hf.")
     missing = [key for key in ("memoir_config", "target", "base_model_fingerprint", "masks_sha256")
                if key not in manifest]
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not isinstance(manifest.get("memoir_config"), dict):
+        missing.append("a target and memoir_config object")
+    elif any(not isinstance(target.get(k), (int, str)) for k in ("module_name", "d_model", "d_ff", "top_k")):
+        missing.append("target module_name/d_model/d_ff/top_k")
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; the file is corrupt.")
     return manifest
@@ -189,15 +194,18 @@ def _read_edits(path: Path) -> list[EditRecord]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                values = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CheckpointError(f"{path} line {number} is not valid JSON ({error}).") from None
-            if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
-                raise CheckpointError(f"{path} line {number} must hold exactly {sorted(_RECORD_FIELDS)}.")
-            records.append(EditRecord(**values))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise CheckpointError(f"{path} is truncated or corrupt (not UTF-8: {error}).") from None
+    for number, line in enumerate(lines, start=1):
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{path} line {number} is not valid JSON ({error}).") from None
+        if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
+            raise CheckpointError(f"{path} line {number} must hold exactly {sorted(_RECORD_FIELDS)}.")
+        records.append(EditRecord(**values))
     return records
 
 

@@ -65,12 +65,17 @@ class Router:
         if inputs is None:
             inputs = arguments.get("inputs_embeds")
         self._batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else None
-        decided_in_generation = self._in_generation and self._generation_decided
-        self._prompt_pass = not decided_in_generation and _cache_is_empty(arguments.get("past_key_values"))
+        if self._in_generation:  # the first step of generate decides, whatever cache it was given
+            self._prompt_pass = not self._generation_decided
+        else:
+            self._prompt_pass = _cache_is_empty(arguments.get("past_key_values"))
         if self._prompt_pass:
-            mask = self._explicit_prompt_mask
-            if mask is None:
-                mask = arguments.get("attention_mask")
+            explicit = self._explicit_prompt_mask
+            if explicit is not None and (explicit.dim() != 2 or (isinstance(inputs, torch.Tensor)
+                                                                 and tuple(explicit.shape) != tuple(inputs.shape[:2]))):
+                raise MemoirError(f"prompt_mask must be [batch, seq] like the input ({tuple(inputs.shape[:2])}), "
+                                  f"got {tuple(explicit.shape)}.")
+            mask = explicit if explicit is not None else arguments.get("attention_mask")
             self._token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def __call__(self, inputs: torch.Tensor) -> RoutedRows | None:
@@ -95,6 +100,15 @@ class Router:
             yield
         finally:
             self._in_generation, self._generation_decided = False, False
+
+    @contextmanager
+    def preserved(self) -> Iterator[None]:
+        """Library-internal passes (edit checks, prefix generation) leave the user's routing state as it was."""
+        saved = (self.decisions, self._routed, self._decided_batch, self._generation_decided)
+        try:
+            yield
+        finally:
+            self.decisions, self._routed, self._decided_batch, self._generation_decided = saved
 
     @contextmanager
     def prompt_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
