@@ -32,9 +32,8 @@ from .editing.prefixes import generate_prefixes, with_prefix
 from .editing.result import EditResult
 from .editing.trainer import EditBatch, target_logits, train_columns
 from .errors import MemoirError, PatchError
-from .fingerprint.activations import capture_down_proj_inputs
+from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
-from .fingerprint.batching import pad_batch
 from .fingerprint.tophash import TopHash
 from .memory.layer import MemoirLayer
 from .memory.store import EditRecord, EditStore, utc_now
@@ -219,13 +218,9 @@ class MemoirModel(nn.Module):
 
     def _fingerprints(self, rows: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
         """TopHash masks [n, d_ff] of token id lists (each row all prompt)."""
-        masks = []
-        for start in range(0, len(rows), batch_size):
-            input_ids, attention_mask = pad_batch(rows[start:start + batch_size], device=self._layer.device,
-                                                  pad_id=pad_token_id(self._require_tokenizer()))
-            activations = capture_down_proj_inputs(self.base_model, self._layer, input_ids, attention_mask)
-            masks.append(self._layer.tophash(activations, attention_mask))
-        return torch.cat(masks)
+        batches = down_proj_inputs_in_batches(self.base_model, self._layer, rows, batch_size=batch_size,
+                                              pad_id=pad_token_id(self._require_tokenizer()))
+        return torch.cat([self._layer.tophash(activations, mask) for activations, mask in batches])
 
     # -- threshold calibration ------------------------------------------------------------------
     def calibrate_threshold(self, unrelated_texts: Sequence[str] | None = None, *, max_edits: int = 200,
@@ -338,10 +333,10 @@ class MemoirModel(nn.Module):
         saved_k = checkpoint.manifest["target"].get("top_k")
         config = dataclasses.replace(checkpoint.config)
         object.__setattr__(config, "layer", checkpoint.module_name)
-        if find_target(model, config).top_k != saved_k:
+        resolved_k = find_target(model, config).top_k
+        if resolved_k != saved_k:
             raise CheckpointError(f"{checkpoint.folder}: the saved masks have k={saved_k} active columns but the "
-                                  f"saved config resolves to k={find_target(model, config).top_k}; the files do "
-                                  "not belong together.")
+                                  f"saved config resolves to k={resolved_k}; the files do not belong together.")
         return cls(model, config, tokenizer, use_faiss=use_faiss, checkpoint=checkpoint)
 
     def _manifest(self) -> dict[str, Any]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import nn
 
 from ..memory.layer import MemoirLayer
+from .batching import pad_batch
 
 
 class _StopForward(Exception):
@@ -34,6 +37,14 @@ def capture_down_proj_inputs(
     if not captured:
         raise RuntimeError("the forward pass never reached the memory layer")
     return captured[0].reshape(input_ids.shape[0], input_ids.shape[1], -1)
+
+
+def down_proj_inputs_in_batches(model: nn.Module, layer: MemoirLayer, rows: Sequence[Sequence[int]], *,
+                                pad_id: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(activations [b, seq, d_ff], attention_mask [b, seq]) for token id lists, ``batch_size`` at a time."""
+    for start in range(0, len(rows), batch_size):
+        input_ids, attention_mask = pad_batch(rows[start:start + batch_size], pad_id=pad_id, device=layer.device)
+        yield capture_down_proj_inputs(model, layer, input_ids, attention_mask), attention_mask
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..memory.layer import MemoirLayer
-from .activations import capture_down_proj_inputs
-from .batching import pad_batch
+from .activations import down_proj_inputs_in_batches
 from .tophash import TopHash, mean_over_tokens
 
 BATCH_SIZE = 16
@@ -27,13 +26,9 @@ def compute_background(
     model: nn.Module, tokenizer, layer: MemoirLayer, tophash: TopHash, texts: Sequence[str]
 ) -> None:
     """Set ``tophash.background`` to the mean over ``texts`` of their prompt-mean activations."""
-    means = []
-    for start in range(0, len(texts), BATCH_SIZE):
-        rows = [tokenizer(text)["input_ids"] for text in texts[start:start + BATCH_SIZE]]
-        input_ids, attention_mask = pad_batch(rows, pad_id=pad_token_id(tokenizer), device=layer.device)
-        activations = capture_down_proj_inputs(model, layer, input_ids, attention_mask)
-        means.append(mean_over_tokens(activations.float(), attention_mask.float()))
-    tophash.set_background(torch.cat(means))
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    batches = down_proj_inputs_in_batches(model, layer, rows, pad_id=pad_token_id(tokenizer), batch_size=BATCH_SIZE)
+    tophash.set_background(torch.cat([mean_over_tokens(a.float(), mask.float()) for a, mask in batches]))
 
 
 def pad_token_id(tokenizer) -> int:
