@@ -37,6 +37,7 @@ from .fingerprint.background import compute_background, default_background_promp
 from .fingerprint.tophash import TopHash
 from .memory.layer import MemoirLayer
 from .memory.store import EditRecord, EditStore, utc_now
+from .patching.dispatch import loaded_weight
 from .patching.target import PatchTarget, find_target
 from .persistence.atomic import atomic_folder, recover_interrupted_swap
 from .persistence.base_model import BASE_MODEL_FILES, save_base_model
@@ -51,6 +52,8 @@ from .persistence.checkpoint import (
 from .persistence.fingerprint import base_fingerprint, check_fingerprint, check_model_type
 from .routing.calibration import Calibration, choose_threshold
 from .routing.router import Router, RoutingDecision
+
+EDIT_PATHS = ("cached", "naive")
 
 
 class MemoirModel(nn.Module):
@@ -83,9 +86,7 @@ class MemoirModel(nn.Module):
         self.store = store
         self.router = Router(model, layer.tophash, store, config)
         self.prefixes: list[str] | None = None
-        self.reuse_frozen_prefix = True
-        """False runs the whole network at every optimisation step (a reference for benchmarks and
-        debugging; it writes the same W_m)."""
+        self._edit_path = "cached"
         object.__setattr__(self, "_layer", layer)  # already a submodule of base_model
         self._patched = True
         layer.router = self.router
@@ -130,6 +131,23 @@ class MemoirModel(nn.Module):
         """This memory's settings: a copy of the config passed at patch time. Threshold and optimiser
         settings may be changed on it; structural ones are fixed."""
         return self._memoir_config
+
+    @property
+    def edit_path(self) -> str:
+        """How an edit's optimisation steps run.
+
+        "cached" (default) runs the frozen network below the memory once per edit and each step only
+        through the memory and the layers above it, with logits at the target positions only. "naive"
+        runs the whole network, with logits at every position, at every step, as the reference code
+        does: a reference for benchmarks and debugging. Both write the same W_m.
+        """
+        return self._edit_path
+
+    @edit_path.setter
+    def edit_path(self, value: str) -> None:
+        if value not in EDIT_PATHS:
+            raise MemoirError(f"edit_path must be one of {EDIT_PATHS}, got {value!r}.")
+        self._edit_path = value
 
     @property
     def layer(self) -> MemoirLayer:
@@ -203,7 +221,8 @@ class MemoirModel(nn.Module):
             columns = mask.nonzero().squeeze(1)
             batch = self._edit_batch(fact.prompt, encoded, self._context_length)
             with self._frozen_prefix(batch):
-                outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config)
+                outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config,
+                                        all_positions=self.edit_path == "naive")
         self._layer.write_columns(columns, outcome.columns_value)
         record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
                             loss=outcome.loss)
@@ -264,7 +283,7 @@ class MemoirModel(nn.Module):
         return EditBatch.build(rows, encoded.target_ids, pad_id=pad_token_id(self.tokenizer), device=self._layer.device)
 
     def _frozen_prefix(self, batch: EditBatch) -> AbstractContextManager[None]:
-        if not self.reuse_frozen_prefix:
+        if self.edit_path == "naive":
             return nullcontext()
         target = self.target
         mlp_name = target.parent_name
@@ -394,7 +413,8 @@ class MemoirModel(nn.Module):
 
 def _fingerprint_of(model: nn.Module, target: PatchTarget, layer: MemoirLayer | None = None) -> dict[str, Any]:
     down_proj = layer.base_layer if layer is not None else model.get_submodule(target.module_name)
-    return base_fingerprint(model, target, down_proj.weight, conv1d=isinstance(down_proj, Conv1D))
+    with loaded_weight(down_proj) as weight:
+        return base_fingerprint(model, target, weight, conv1d=isinstance(down_proj, Conv1D))
 
 
 def _refuse_double_patch(model: nn.Module) -> None:

@@ -12,7 +12,7 @@ import memoir_hf
 
 def edited_memory(family: str, tokenizer, *, reuse: bool) -> tuple[torch.Tensor, list]:
     memoir = memoir_hf.patch(make_tiny_model(family), fast_config(max_steps=8), tokenizer=tokenizer)
-    memoir.reuse_frozen_prefix = reuse
+    memoir.edit_path = "cached" if reuse else "naive"
     results = [memoir.edit("The cat sat on the", "mat"), memoir.edit("Bob likes to eat", "figs")]
     return memoir.layer.memory_weight.detach().clone(), results
 
@@ -32,3 +32,10 @@ def test_cached_path_leaves_the_model_as_it_was(byte_tokenizer):
     memoir = memoir_hf.patch(model, fast_config(max_steps=4), tokenizer=byte_tokenizer)
     memoir.edit("The cat sat on the", "mat")
     assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+def test_unknown_edit_path_is_refused_with_the_choices(byte_tokenizer):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=2), tokenizer=byte_tokenizer)
+    with pytest.raises(memoir_hf.MemoirError, match="cached.*naive"):
+        memoir.edit_path = "fast"
+    assert memoir.edit_path == "cached"

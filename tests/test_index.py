@@ -206,3 +206,84 @@ def test_add_wrong_width_in_same_byte_count_raises(width):
     index = MaskIndex(130, 4, use_faiss=False)
     with pytest.raises(ValueError):
         index.add(np.zeros((1, width), dtype=bool))
+
+
+# -- growth and the sub-linear index --------------------------------------------------------------
+def test_many_single_adds_keep_every_mask_in_order():
+    rng = np.random.default_rng(3)
+    masks = random_masks(rng, 300, 64, 8)
+    index = MaskIndex(64, 8, use_faiss=False)
+    for mask in masks:
+        index.add(mask[None, :])
+    assert len(index) == 300
+    assert np.array_equal(index.codes, pack_masks(masks))
+    assert np.array_equal(index.mask(299), masks[299])
+
+
+def clustered_masks(rng: np.random.Generator, n: int, n_bits: int, k: int, n_clusters: int) -> np.ndarray:
+    """Masks drawn around a few centres (each keeps 3/4 of its centre's bits): a structure IVF can use."""
+    centres = random_masks(rng, n_clusters, n_bits, k)
+    masks = centres[rng.integers(0, n_clusters, size=n)].copy()
+    keep = k - k // 4
+    for row in masks:
+        on, off = np.flatnonzero(row), np.flatnonzero(~row)
+        row[rng.choice(on, size=k - keep, replace=False)] = False
+        row[rng.choice(off, size=k - keep, replace=False)] = True
+    return masks
+
+
+def test_measured_ivf_finds_what_the_exact_search_finds_on_clustered_masks():
+    faiss = pytest.importorskip("faiss")
+    from memoir_hf.index.sublinear import measure_ivf
+
+    rng = np.random.default_rng(4)
+    codes = pack_masks(clustered_masks(rng, 4000, 256, 64, n_clusters=16))
+    exact = faiss.IndexBinaryFlat(256)
+    exact.add(codes)
+    ivf, trial = measure_ivf(codes, exact, 64, query_overlap=0.6, rng=rng)
+    assert trial.n_masks == 4000 and trial.nlist == 63
+    assert trial.recall >= 0.99
+    assert ivf.nprobe == trial.nprobe
+
+
+def test_adopted_ivf_answers_like_the_exact_search_with_ties_to_newest(monkeypatch):
+    pytest.importorskip("faiss")
+    import memoir_hf.index.mask_index as mask_index
+    from memoir_hf.index.sublinear import IvfTrial
+
+    real_measure = mask_index.measure_ivf
+
+    def always_adopt(codes, exact, top_k, **kwargs):
+        ivf, trial = real_measure(codes, exact, top_k, **kwargs)
+        ivf.nprobe = ivf.nlist  # every list probed: exact answers, so they can be compared
+        return ivf, IvfTrial(trial.n_masks, ivf.nlist, ivf.nlist, 1.0, 1.0, 0.1)
+
+    monkeypatch.setattr(mask_index, "SUBLINEAR_FROM", 500)
+    monkeypatch.setattr(mask_index, "measure_ivf", always_adopt)
+    rng = np.random.default_rng(5)
+    stored = clustered_masks(rng, 600, 128, 32, n_clusters=8)
+    stored[550] = stored[10]  # a tie: the newer copy must win
+    index = MaskIndex(128, 32, use_faiss=True)
+    index.add(stored[:400])
+    assert index.search_method == "flat"
+    index.add(stored[400:])
+    assert index.search_method == "ivf" and index.ivf_trial.n_masks == 600
+    queries = np.concatenate([stored[[10, 3, 599]], clustered_masks(rng, 20, 128, 32, n_clusters=8)])
+    positions, overlaps = index.search(queries)
+    expected_positions, expected_overlaps = brute_force(stored, queries, 32)
+    assert positions[0] == 550
+    np.testing.assert_allclose(overlaps, expected_overlaps)
+    assert np.array_equal(positions, expected_positions)
+
+
+def test_ivf_that_loses_to_the_exact_search_is_not_used(monkeypatch):
+    pytest.importorskip("faiss")
+    import memoir_hf.index.mask_index as mask_index
+    from memoir_hf.index.sublinear import IvfTrial
+
+    monkeypatch.setattr(mask_index, "SUBLINEAR_FROM", 100)
+    monkeypatch.setattr(mask_index, "measure_ivf",
+                        lambda codes, exact, top_k, **kw: (object(), IvfTrial(len(codes), 8, 8, 0.9, 1.0, 0.1)))
+    index = MaskIndex(64, 8, use_faiss=True)
+    index.add(random_masks(np.random.default_rng(6), 150, 64, 8))
+    assert index.search_method == "flat" and index.ivf_trial.recall == 0.9

@@ -2,10 +2,10 @@
 
 Everything below the edited down projection is frozen, and so is the down projection's input a
 (W_m does not feed back into it). So the decoder layers below the edited one are run once and then
-replaced by stubs that return their recorded outputs, and the edited layer's MLP returns
-``memory(a)`` from the recorded a. Each step still goes through the model's own forward (its masks,
-rotary embeddings, final norm, soft-capping and head), but computes only the edited layer's
-attention, the memory, and the layers above it.
+replaced by stubs that return their recorded outputs; so is the edited layer's attention, and the
+edited layer's MLP returns ``memory(a)`` from the recorded a. Each step still goes through the
+model's own forward (its masks, rotary embeddings, final norm, soft-capping and head), but computes
+only the memory, the rest of the edited layer, and the layers above it.
 """
 
 from __future__ import annotations
@@ -29,23 +29,37 @@ def reuse_frozen_prefix(model: nn.Module, layers: nn.ModuleList, layer_index: in
     ``mlp`` is the module whose output is the down projection's output (None when the down
     projection sits directly in the decoder layer, as in OPT: then the edited layer's MLP runs).
     """
-    outputs: dict[int, Any] = {}
-    hooks = [layers[i].register_forward_hook(_recorder(outputs, i)) for i in range(layer_index)]
+    frozen = [layers[i] for i in range(layer_index)] + _attention_of(layers[layer_index])
+    outputs: dict[nn.Module, Any] = {}
+    hooks = [module.register_forward_hook(_recorder(outputs, module)) for module in frozen]
     try:
         activations = capture_down_proj_inputs(model, memory, input_ids, attention_mask)
     finally:
         for hook in hooks:
             hook.remove()
-    stubs: dict[nn.Module, Callable[..., Any]] = {layers[i]: _returning(outputs[i]) for i in range(layer_index)}
+    stubs: dict[nn.Module, Callable[..., Any]] = {module: _returning(output) for module, output in outputs.items()}
     if mlp is not None:
         stubs[mlp] = _returning_memory(memory, activations)
     with _replaced_forwards(stubs):
         yield
 
 
-def _recorder(outputs: dict[int, Any], index: int) -> Callable[..., None]:
-    def record(module: nn.Module, args: Any, output: Any) -> None:
-        outputs[index] = output
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+def _attention_of(decoder_layer: nn.Module) -> list[nn.Module]:
+    """The decoder layer's attention block, if it has one under a usual name.
+
+    Its output depends only on the layer's frozen input, so it too can be recorded once; when it
+    runs after the down projection (and so is not recorded), it simply keeps running.
+    """
+    children = dict(decoder_layer.named_children())
+    return [children[name] for name in ATTENTION_NAMES if name in children][:1]
+
+
+def _recorder(outputs: dict[nn.Module, Any], module: nn.Module) -> Callable[..., None]:
+    def record(_module: nn.Module, args: Any, output: Any) -> None:
+        outputs[module] = output
     return record
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,10 +41,11 @@ class TrainOutcome:
 
 
 def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, columns: torch.Tensor,
-                  config: MemoirConfig) -> TrainOutcome:
+                  config: MemoirConfig, *, all_positions: bool = False) -> TrainOutcome:
     """SGD on W_m[:, columns] so that every prompt variant is followed by the target.
 
     Weight decay acts on these columns only; the other columns of W_m are never read or written.
+    ``all_positions`` computes logits at every position, as the reference code does (for the naive path).
     """
     delta = layer.memory_weight[:, columns].detach().float().clone().requires_grad_(True)
     layer.column_edit = ColumnEdit(columns, delta)
@@ -52,7 +54,7 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
             for step in range(config.max_steps + 1):
                 last = step == config.max_steps
                 with torch.set_grad_enabled(not last):
-                    loss = target_loss(model, batch)
+                    loss = target_loss(model, batch, all_positions=all_positions)
                 if last or loss.item() < config.stop_loss:
                     break
                 (grad,) = torch.autograd.grad(loss, [delta])
@@ -70,27 +72,35 @@ def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> 
         delta -= config.learning_rate * (grad + config.weight_decay * delta)
 
 
-def target_loss(model: nn.Module, batch: EditBatch) -> torch.Tensor:
+def target_loss(model: nn.Module, batch: EditBatch, *, all_positions: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the target tokens, from logits at the target positions only."""
-    logits = target_logits(model, batch.input_ids, batch.attention_mask, len(batch.target_ids))
+    logits = target_logits(model, batch.input_ids, batch.attention_mask, len(batch.target_ids),
+                           all_positions=all_positions)
     labels = batch.target_ids.expand(logits.shape[0], -1)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  n_target: int) -> torch.Tensor:
+                  n_target: int, *, all_positions: bool = False) -> torch.Tensor:
     """Logits predicting the last ``n_target`` tokens of each left-padded row: [batch, n_target, vocab]."""
+    length = input_ids.shape[1]
+    positions = torch.arange(length - n_target - 1, length - 1, device=input_ids.device)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
               "position_ids": position_ids(attention_mask)}
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = n_target + 1
+    if not all_positions and accepts_argument(type(model), "logits_to_keep"):
+        # Positions as a tensor, not a count: the head then gets a contiguous gather of the hidden
+        # states instead of a strided slice, which PyTorch multiplies as a batched matmul against the
+        # vocabulary matrix broadcast once per row, about ten times slower on CPU.
+        kwargs["logits_to_keep"] = positions
     logits = model(**kwargs).logits
-    return logits[:, -(n_target + 1):-1]
+    return logits[:, positions] if logits.shape[1] == length else logits
 
 
-def _accepts(model: nn.Module, argument: str) -> bool:
+@functools.cache
+def accepts_argument(model_class: type[nn.Module], argument: str) -> bool:
+    """Whether ``model_class.forward`` takes ``argument`` (looked up once per class)."""
     try:
-        return argument in inspect.signature(model.forward).parameters
+        return argument in inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         return False
 

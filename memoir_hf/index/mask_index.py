@@ -2,7 +2,10 @@
 
 Every mask has exactly k bits set, so overlap(a, b) = |a ∧ b| / k = (2k - hamming(a, b)) / 2k, and
 the nearest mask by overlap is the nearest by Hamming distance. FAISS's IndexBinaryFlat does that
-search; an exact NumPy scan gives identical answers when faiss is not importable.
+search; an exact NumPy scan gives identical answers when faiss is not importable. Past
+``SUBLINEAR_FROM`` masks (and at every doubling after), a FAISS binary IVF index is tried on the
+stored masks and used only if it is measured faster with top-1 recall >= 0.99 (see
+:mod:`memoir_hf.index.sublinear`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MemoirError
+from .sublinear import IvfTrial, measure_ivf
 
 try:
     import faiss
@@ -17,6 +21,10 @@ except ImportError:  # pragma: no cover - exercised by forcing use_faiss=False i
     faiss = None
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
+SUBLINEAR_FROM = 1 << 17
+"""Below this many masks the exact scan takes well under a millisecond a query: never try IVF."""
+IVF_CANDIDATES = 8
+"""Nearest masks an IVF search returns for the exact tie-breaking among them."""
 
 
 def faiss_available() -> bool:
@@ -56,11 +64,21 @@ class MaskIndex:
         self.top_k = top_k
         self.n_bytes = (n_bits + 7) // 8
         self.use_faiss = faiss_available() if use_faiss is None else use_faiss
-        self.codes = np.zeros((0, self.n_bytes), dtype=np.uint8)
+        self._buffer = np.zeros((0, self.n_bytes), dtype=np.uint8)
+        self._count = 0
         self._faiss_index = _on_fastest_device(faiss.IndexBinaryFlat(self.n_bytes * 8)) if self.use_faiss else None
+        self._ivf = None
+        self.ivf_trial: IvfTrial | None = None
+        """The last measurement of a sub-linear index on these masks (None until SUBLINEAR_FROM)."""
+        self._next_ivf_check = SUBLINEAR_FROM
 
     def __len__(self) -> int:
-        return self.codes.shape[0]
+        return self._count
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The packed masks, uint8 [n, n_bytes] (a view: copy it to keep it)."""
+        return self._buffer[:self._count]
 
     def add(self, masks: np.ndarray) -> None:
         self.add_codes(self._pack(masks))
@@ -69,9 +87,34 @@ class MaskIndex:
         """Add masks already packed by :func:`pack_masks`."""
         if codes.dtype != np.uint8 or codes.ndim != 2 or codes.shape[1] != self.n_bytes:
             raise ValueError(f"packed masks must be uint8 [n, {self.n_bytes}], got {codes.dtype} {codes.shape}")
-        self.codes = np.concatenate([self.codes, codes])
+        self._grow_to(self._count + len(codes))
+        self._buffer[self._count:self._count + len(codes)] = codes
+        self._count += len(codes)
         if self._faiss_index is not None:
             self._faiss_index.add(codes)
+            if self._ivf is not None:
+                self._ivf.add(codes)
+            if self._count >= self._next_ivf_check:
+                self._choose_sublinear()
+
+    def _grow_to(self, size: int) -> None:
+        """Room for ``size`` masks, doubling capacity so n adds cost O(n) copies, not O(n^2)."""
+        if size > len(self._buffer):
+            buffer = np.zeros((max(size, 2 * len(self._buffer), 64), self.n_bytes), dtype=np.uint8)
+            buffer[:self._count] = self.codes
+            self._buffer = buffer
+
+    def _choose_sublinear(self) -> None:
+        """Measure an IVF index on the stored masks; search it from now on only if it wins."""
+        ivf, trial = measure_ivf(self.codes, self._faiss_index, self.top_k)
+        self.ivf_trial = trial
+        self._ivf = ivf if trial.recall >= 0.99 and trial.speedup >= 1.5 else None
+        self._next_ivf_check = 2 * self._count
+
+    @property
+    def search_method(self) -> str:
+        """"ivf", "flat" (FAISS exact) or "numpy" (exact scan without faiss)."""
+        return "ivf" if self._ivf is not None else "flat" if self._faiss_index is not None else "numpy"
 
     def write_faiss(self, path: str) -> bool:
         """Write a FAISS index of the masks to ``path`` (also when searching on NumPy); False without faiss."""
@@ -118,13 +161,24 @@ class MaskIndex:
         return pack_masks(masks)
 
     def _search_faiss(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distances, candidates = self._faiss_index.search(codes, min(2, len(self)))
+        index = self._ivf if self._ivf is not None else self._faiss_index
+        distances, candidates = index.search(codes, min(IVF_CANDIDATES if self._ivf is not None else 2, len(self)))
         best, chosen = distances[:, 0].astype(np.int64), candidates[:, 0].astype(np.int64)
-        # FAISS breaks ties arbitrarily: where the two nearest tie, scan exactly and take the newest.
-        tied = np.flatnonzero(distances[:, -1] == best) if distances.shape[1] > 1 else []
-        if len(tied):
-            chosen[tied] = self._search_numpy(codes[tied])[1]
+        # FAISS breaks ties arbitrarily: take the newest of the masks tied at the best distance.
+        tied = np.flatnonzero(distances[:, 1] == best) if distances.shape[1] > 1 else []
+        for row in tied:
+            chosen[row] = self._newest_at(codes[row:row + 1], int(best[row]), index, distances[row], candidates[row])
         return best, chosen
+
+    def _newest_at(self, code: np.ndarray, distance: int, index, distances: np.ndarray,
+                   candidates: np.ndarray) -> int:
+        """The newest stored mask at ``distance`` from ``code``, asking the index for more when all tie."""
+        while distances[-1] == distance and len(distances) < len(self):
+            found_distances, found = index.search(code, min(2 * len(distances), len(self)))
+            if len(found[0]) <= len(distances) or found[0, -1] < 0:
+                break
+            distances, candidates = found_distances[0], found[0]
+        return int(candidates[(distances == distance) & (candidates >= 0)].max())
 
     def _search_numpy(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         distances = np.stack([_POPCOUNT[self.codes ^ code].sum(axis=1) for code in codes])

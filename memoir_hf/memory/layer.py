@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..patching.dispatch import execution_device
+
 
 @dataclass
 class RoutedRows:
@@ -35,8 +37,9 @@ RouteFn = Callable[[torch.Tensor], "RoutedRows | None"]
 class MemoirLayer(nn.Module):
     """Computes ``base(a) + W_m (M ⊙ a)``, where M is the routed edit's mask for each sequence.
 
-    The base layer is kept (a reference, never a copy) and never modified. W_m starts at zero; a
-    sequence that routes to no edit gets exactly the base layer's output.
+    The base layer is kept (a reference, never a copy) and never modified; it is only called, as
+    accelerate may have offloaded its weight to "meta". W_m starts at zero, on the device the base
+    layer computes on; a sequence that routes to no edit gets exactly the base layer's output.
     """
 
     def __init__(self, base_layer: nn.Module, d_model: int, d_ff: int):
@@ -44,9 +47,9 @@ class MemoirLayer(nn.Module):
         self.base_layer = base_layer
         self.in_features = d_ff
         self.out_features = d_model
-        weight = base_layer.weight
         self.memory_weight = nn.Parameter(
-            torch.zeros(d_model, d_ff, device=weight.device, dtype=weight.dtype), requires_grad=False
+            torch.zeros(d_model, d_ff, device=execution_device(base_layer), dtype=base_layer.weight.dtype),
+            requires_grad=False,
         )
         self.router: RouteFn | None = None
         self.observer: Callable[[torch.Tensor], None] | None = None

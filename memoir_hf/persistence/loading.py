@@ -17,7 +17,8 @@ def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_
     """Load the base model, its tokenizer and the edits from a folder written with ``save_base=True``.
 
     ``model_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (``device_map``, ``dtype`` /
-    ``torch_dtype``, ...); the memory is created on the device and dtype of the layer it sits beside.
+    ``torch_dtype``, ...); the memory is created in the dtype of the layer it sits beside, on the device
+    that layer computes on (with an offloading ``device_map``, the execution device accelerate gives it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

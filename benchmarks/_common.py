@@ -1,0 +1,71 @@
+"""What every benchmark script shares: quiet threads, a description of the machine, a table, a JSON file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def quiet_threads(threads: int) -> None:
+    """Passive OpenMP waiting and an explicit thread count: spinning threads distort shared-machine timings.
+
+    Call before torch or faiss create their thread pools.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def parse_args(parser: argparse.ArgumentParser, *, name: str, threads: int) -> argparse.Namespace:
+    """Add the options every benchmark has (--threads, --name), parse, and set the threads."""
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch and faiss threads (default {threads})")
+    parser.add_argument("--name", default=name, help="results file: benchmarks/results/NAME.json")
+    args = parser.parse_args()
+    quiet_threads(args.threads)
+    return args
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, report: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MB (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
