@@ -3,9 +3,10 @@
 The cached path (memoir_hf's default) runs the frozen network below the memory once per edit and each
 optimisation step only through the memory and the layers above it, with logits at the target
 positions only. The naive path (``memoir.edit_path = "naive"``) runs the whole network with logits at
-every position at every step, as the reference code does. Two patched copies of the model take the
-same edits in alternation (so machine noise hits both alike) for the first ``--naive-edits`` records;
-the cached copy then goes on to ``--edits``. Both copies must end with the same W_m.
+every position at every step, as the reference code does. Three patched copies of the model (cached,
+naive, and cached with ``edit_autocast="bfloat16"``) take the same edits in alternation (so machine
+noise hits them alike) for the first ``--naive-edits`` records; the cached copy then goes on to
+``--edits``. The cached and naive copies must end with the same W_m.
 
     python benchmarks/bench_edit.py             # ~25 minutes on 2 cores
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -51,17 +53,20 @@ def main() -> None:
     records = load_records(args.data, "zsre", limit=args.edits)
     base, tokenizer = load_builtin("smollm2")
     naive = memoir_hf.patch(copy.deepcopy(base), config, tokenizer=tokenizer)
-    cached = memoir_hf.patch(base, config, tokenizer=tokenizer)
     naive.edit_path = "naive"
-    for memoir in (cached, naive):  # generate the context prefixes outside the timings
+    bf16 = memoir_hf.patch(copy.deepcopy(base), dataclasses.replace(config, edit_autocast="bfloat16"),
+                           tokenizer=tokenizer)
+    cached = memoir_hf.patch(base, config, tokenizer=tokenizer)
+    for memoir in (cached, naive, bf16):  # generate the context prefixes outside the timings
         memoir._ensure_prefixes()
 
-    cached_results, naive_results, rss = [], [], []
+    cached_results, naive_results, bf16_results, rss = [], [], [], []
     same_memory_diff = None
     for i, record in enumerate(records):
         cached_results.append(cached.edit(record.prompt, record.target))
         if i < args.naive_edits:
             naive_results.append(naive.edit(record.prompt, record.target))
+            bf16_results.append(bf16.edit(record.prompt, record.target))
             if i == args.naive_edits - 1:
                 same_memory_diff = float((cached.layer.memory_weight - naive.layer.memory_weight).abs().max())
         if (i + 1) % 10 == 0:
@@ -69,11 +74,13 @@ def main() -> None:
             print(f"{i + 1} edits: cached {summary(cached_results)['seconds_per_edit']:.2f} s/edit", flush=True)
 
     paired = len(naive_results)
-    cached_paired, naive_paired = summary(cached_results[:paired]), summary(naive_results)
+    cached_paired, naive_paired, bf16_paired = (summary(r) for r in (cached_results[:paired], naive_results,
+                                                                     bf16_results))
     report = {
         "benchmark": "edit", "model": "smollm2", "data": Path(args.data).name, "config": config.to_dict(),
         "machine": machine(args.threads), "cached": summary(cached_results), "cached_paired": cached_paired,
-        "naive_paired": naive_paired, "speedup": naive_paired["seconds_per_edit"] / cached_paired["seconds_per_edit"],
+        "naive_paired": naive_paired, "cached_bf16_autocast_paired": bf16_paired,
+        "speedup": naive_paired["seconds_per_edit"] / cached_paired["seconds_per_edit"],
         "step_speedup": naive_paired["seconds_per_step"] / cached_paired["seconds_per_step"],
         "same_steps": [r.steps for r in cached_results[:paired]] == [r.steps for r in naive_results],
         "max_abs_memory_difference": same_memory_diff,
@@ -83,6 +90,7 @@ def main() -> None:
     table = [[name, s["edits"], f"{s['seconds_per_edit']:.2f}", f"{s['median_seconds_per_edit']:.2f}",
               f"{s['steps_per_edit']:.1f}", f"{s['seconds_per_step']:.3f}", f"{s['success']:.2f}"]
              for name, s in (("naive", naive_paired), ("cached (same edits)", cached_paired),
+                             ("cached + bf16 autocast (same edits)", bf16_paired),
                              ("cached (all)", report["cached"]))]
     print(markdown_table(header, table))
     print(f"speedup per edit {report['speedup']:.2f}x, per step {report['step_speedup']:.2f}x; "

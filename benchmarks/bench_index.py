@@ -79,7 +79,7 @@ def bench_one(n: int, n_bits: int, k: int, overlap: float, n_queries: int, seed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
-    parser.add_argument("--wide-sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6],
+    parser.add_argument("--wide-sizes", type=float, nargs="*", default=[1e4, 1e5, 1e6],
                         help="sizes for the 14336-bit masks")
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--queries", type=int, default=200)

@@ -3,7 +3,8 @@
 Two copies of the model, one patched, timed in alternation so machine noise hits both alike; every cell
 is the median of ``--repeats`` runs. Stored edits are synthetic (random TopHash-sized masks, random
 W_m), except that the "routed" prompts' own masks are among them, so those prompts read the memory.
-Prompts are 32 tokens of generic text. Also checks that non-routed outputs are bit-identical.
+Prompts are 32 tokens of generic text. Also checks that the logits of every prompt that routes to no
+edit are bit-identical to the unpatched model's.
 
     python benchmarks/bench_inference.py        # ~10 minutes on 2 cores
 """
@@ -15,7 +16,7 @@ import copy
 import statistics
 import time
 
-from _common import machine, markdown_table, parse_args, peak_rss_mb, write_report
+from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, write_report
 
 PROMPT_TOKENS = 32
 
@@ -94,10 +95,11 @@ def main() -> None:
     settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
                 "pad_token_id": tokenizer.eos_token_id}
 
-    rows, report_cells, stored = [], [], 0
+    rows, report_cells, stored, rss_by_edits = [], [], 0, {}
     for n_edits in sorted(args.edits):
         add_synthetic_edits(memoir, n_edits - stored, routed_masks[stored:], rng) if n_edits > stored else None
         stored = n_edits
+        rss_by_edits[n_edits] = current_rss_mb()
         for kind, batch_rows in (("not routed", plain_rows), ("routed", routed_rows)):
             if kind == "routed" and n_edits == 0:
                 continue
@@ -109,7 +111,9 @@ def main() -> None:
                     routed_share = sum(d.routed for d in memoir.routing) / batch
                     identical = None
                     if kind == "not routed":
-                        identical = bool(torch.equal(base(input_ids=ids).logits, memoir(input_ids=ids).logits))
+                        patched_logits = memoir(input_ids=ids).logits
+                        plain = [row for row, decision in enumerate(memoir.routing) if not decision.routed]
+                        identical = bool(torch.equal(base(input_ids=ids).logits[plain], patched_logits[plain]))
                     base_generate, patched_generate = timed_pair(
                         lambda i=ids: base.generate(input_ids=i, **settings),
                         lambda i=ids: memoir.generate(input_ids=i, **settings), max(3, args.repeats // 3))
@@ -132,7 +136,8 @@ def main() -> None:
     print(markdown_table(header, rows))
     path = write_report(args.name, {"benchmark": "inference", "model": "smollm2", "prompt_tokens": PROMPT_TOKENS,
                                     "new_tokens": args.new_tokens, "machine": machine(args.threads),
-                                    "peak_rss_mb": peak_rss_mb(), "cells": report_cells})
+                                    "peak_rss_mb": peak_rss_mb(), "rss_mb_by_stored_edits": rss_by_edits,
+                                    "cells": report_cells})
     print(f"wrote {path}")
 
 

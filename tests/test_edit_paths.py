@@ -39,3 +39,18 @@ def test_unknown_edit_path_is_refused_with_the_choices(byte_tokenizer):
     with pytest.raises(memoir_hf.MemoirError, match="cached.*naive"):
         memoir.edit_path = "fast"
     assert memoir.edit_path == "cached"
+
+
+def test_bf16_autocast_edits_succeed_and_keep_the_memory_in_float32(byte_tokenizer):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=30, edit_autocast="bfloat16"),
+                             tokenizer=byte_tokenizer)
+    result = memoir.edit("The cat sat on the", "mat")
+    assert result.success and result.routed_edit_id == result.edit_id
+    assert memoir.layer.memory_weight.dtype == torch.float32
+    assert memoir.layer.memory_weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("value", ["bf16", "float32", 16])
+def test_unknown_autocast_dtype_is_refused(value):
+    with pytest.raises(memoir_hf.MemoirConfigError, match="edit_autocast"):
+        memoir_hf.MemoirConfig(edit_autocast=value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +53,7 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
         with frozen_parameters(model):
             for step in range(config.max_steps + 1):
                 last = step == config.max_steps
-                with torch.set_grad_enabled(not last):
+                with torch.set_grad_enabled(not last), _autocast(config, delta.device):
                     loss = target_loss(model, batch, all_positions=all_positions)
                 if last or loss.item() < config.stop_loss:
                     break
@@ -62,6 +62,12 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
     finally:
         layer.column_edit = None
     return TrainOutcome(delta.detach(), float(loss.item()), step)
+
+
+def _autocast(config: MemoirConfig, device: torch.device) -> AbstractContextManager[None]:
+    if config.edit_autocast is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, config.edit_autocast))
 
 
 def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> None:
