@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
@@ -38,8 +37,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/ZsRE/zsre_mend_edit.json"))
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--naive-edits", type=int, default=20)
-    parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.json"),
-                        help="MemoirConfig JSON ('' for the paper's settings)")
+    parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"),
+                        help="MemoirConfig YAML ('' for the paper's settings)")
     args = parse_args(parser, name="bench_edit", threads=2)
 
     import torch
@@ -49,7 +48,7 @@ def main() -> None:
     from memoir_hf.evaluation.datasets import load_records
     from memoir_hf.offline_models import load_builtin
 
-    config = MemoirConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else MemoirConfig()
+    config = MemoirConfig.from_yaml(args.config) if args.config else MemoirConfig()
     records = load_records(args.data, "zsre", limit=args.edits)
     base, tokenizer = load_builtin("smollm2")
     naive = memoir_hf.patch(copy.deepcopy(base), config, tokenizer=tokenizer)

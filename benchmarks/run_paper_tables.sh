@@ -23,15 +23,15 @@ evaluate() {  # name model data... format T [extra args...]
 }
 
 evaluate zsre_smollm2_memoir_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
-  --config configs/smollm2-135m.json --calibration-texts "$ZSRE_NEGATIVES"
+  --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
 # Beyond 1000: the 1,037 ZsRE edit records, then the 998 usable records of the ZsRE train subset.
 evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
   "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
-  --config configs/smollm2-135m.json --calibration-texts "$ZSRE_NEGATIVES"
+  --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
-  --config configs/smollm2-135m.json
+  --config configs/smollm2-135m.yaml
 evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
-  --config configs/smollm2-135m.json
+  --config configs/smollm2-135m.yaml
 evaluate zsre_gemma3_memoir_T100 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 100 \
   --calibration-texts "$ZSRE_NEGATIVES"
 evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \

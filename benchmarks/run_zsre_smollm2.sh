@@ -10,11 +10,11 @@ NEGATIVES=${MEMOIR_DATA_DIR:-../shared/data}/ZsRE/zsre_mend_train_first1000_loc_
 RESULTS=benchmarks/results
 T_MEMOIR="1 10 100${RUN_1000:+ 1000}"
 for T in $T_MEMOIR; do
-  memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits "$T" --config configs/smollm2-135m.json \
+  memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits "$T" --config configs/smollm2-135m.yaml \
     --threads 2 --calibration-texts "$NEGATIVES" --checkpoint-dir "benchmarks/checkpoints/zsre_smollm2_memoir_T$T" --checkpoint-every 50 \
     --out "$RESULTS/zsre_smollm2_memoir_T$T.json" --plot "$RESULTS/zsre_smollm2_memoir_T${T}_sweep.png"
 done
 for T in 10 100; do
-  memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits "$T" --config configs/smollm2-135m.json \
+  memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits "$T" --config configs/smollm2-135m.yaml \
     --method ft-l --threads 2 --out "$RESULTS/zsre_smollm2_ftl_T$T.json"
 done

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -29,7 +28,8 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration-texts", default=None,
                         help="unrelated texts to calibrate τ against (a text file, one a line, or a JSON list); "
                              "default: the generic prompts shipped with memoir_hf")
-    parser.add_argument("--config", default=None, help="JSON file of MemoirConfig settings")
+    parser.add_argument("--config", default=None,
+                        help="YAML (or JSON) file of MemoirConfig settings; MEMOIR_* environment variables override it")
     parser.add_argument("--out", default=None, help="where to write the JSON report")
     parser.add_argument("--plot", default=None, help="where to write a PNG of Rel/Gen/Loc against τ")
     parser.add_argument("--checkpoint-dir", default=None, help="save the memory here and resume from it")
@@ -42,7 +42,7 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import MemoirConfig
+    from .config_sources import load_config
     from .evaluation.datasets import load_texts
     from .evaluation.harness import run
 
@@ -56,7 +56,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise _UsageError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    config = MemoirConfig.from_dict(_read_json(args.config)) if args.config else None
+    config = load_config(args.config) if args.config else None
     texts = load_texts(args.calibration_texts) if args.calibration_texts else None
     data = args.data[0] if len(args.data) == 1 else args.data
     report = run(args.model, data, format=args.format, edits=args.edits, method=args.method, config=config,
@@ -66,17 +66,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"{report['method']} T={report['edits']} τ={report['threshold']:.3f} {metrics} "
           f"success={report['edit_success_rate']:.3f} {report['seconds_per_edit']:.2f} s/edit")
     return 0
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MemoirError(f"{path} is not a JSON file of settings: {error}") from None
-    if not isinstance(values, dict):
-        raise MemoirError(f"{path} must hold a JSON object of MemoirConfig settings.")
-    return values
 
 
 class _UsageError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,16 @@ class MemoirConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **explicit: Any) -> MemoirConfig:
+        """Settings from a YAML file, overridden by the MEMOIR_* environment variables, then by ``explicit``.
+
+        See :mod:`memoir_hf.config_sources` for the variables and the precedence.
+        """
+        from .config_sources import load_config
+
+        return load_config(path, **explicit)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoirConfig:
