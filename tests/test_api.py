@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 
 import pytest
 import torch
+from conftest import fast_config
 from tiny_models import MAX_POSITIONS, PAD_ID, make_byte_tokenizer, make_tiny_model
 from torch import nn
 
@@ -720,3 +722,16 @@ def test_asking_for_faiss_without_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(mask_index, "faiss", None)
     with pytest.raises(MemoirError, match="pip install faiss-cpu"):
         mask_index.MaskIndex(8, 2, use_faiss=True)
+
+
+def test_deepcopy_of_a_patched_model_is_independent(byte_tokenizer):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=20), tokenizer=byte_tokenizer)
+    memoir.edit("The cat sat on the", "mat")
+    copied = copy.deepcopy(memoir)
+    ids = byte_tokenizer(["The cat sat on the"], return_tensors="pt")
+    before = memoir(**ids).logits
+    assert torch.equal(copied(**ids).logits, before) and copied.routing[0].edit_id == 0
+    copied.edit("Bob likes to eat", "figs")
+    assert [e.prompt for e in memoir.edits] == ["The cat sat on the"] and len(copied.edits) == 2
+    assert torch.equal(memoir(**ids).logits, before)
+    assert copied.store.index.search_method == memoir.store.index.search_method

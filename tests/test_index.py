@@ -287,3 +287,19 @@ def test_ivf_that_loses_to_the_exact_search_is_not_used(monkeypatch):
     index = MaskIndex(64, 8, use_faiss=True)
     index.add(random_masks(np.random.default_rng(6), 150, 64, 8))
     assert index.search_method == "flat" and index.ivf_trial.recall == 0.9
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_pickled_index_answers_like_the_original(use_faiss):
+    import pickle
+
+    need_backend(use_faiss)
+    rng = np.random.default_rng(7)
+    index = MaskIndex(96, 12, use_faiss=use_faiss)
+    index.add(random_masks(rng, 50, 96, 12))
+    restored = pickle.loads(pickle.dumps(index))
+    queries = random_masks(rng, 10, 96, 12)
+    for got, want in zip(restored.search(queries), index.search(queries), strict=True):
+        np.testing.assert_array_equal(got, want)
+    restored.add(random_masks(rng, 1, 96, 12))
+    assert len(restored) == 51 and len(index) == 50

@@ -75,6 +75,23 @@ class MaskIndex:
     def __len__(self) -> int:
         return self._count
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry the masks; the FAISS indexes (SWIG objects) are rebuilt from them."""
+        state = self.__dict__.copy()
+        state["_buffer"] = self.codes.copy()
+        state["_faiss_index"] = state["_ivf"] = None
+        state["ivf_trial"] = None
+        state["_next_ivf_check"] = SUBLINEAR_FROM
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.use_faiss:
+            self._faiss_index = _on_fastest_device(faiss.IndexBinaryFlat(self.n_bytes * 8))
+            self._faiss_index.add(self.codes)
+            if self._count >= self._next_ivf_check:
+                self._choose_sublinear()
+
     @property
     def codes(self) -> np.ndarray:
         """The packed masks, uint8 [n, n_bytes] (a view: copy it to keep it)."""
