@@ -10,6 +10,8 @@ from .errors import (
     PatchError,
     UnsupportedModelError,
 )
+from .feedback.learning import LearnReport
+from .feedback.log import Feedback, FeedbackLog
 from .memory.store import EditRecord
 from .model import MemoirModel, patch
 from .patching.registry import register_architecture, supported_model_types
@@ -23,6 +25,9 @@ __all__ = [
     "EditInputError",
     "EditRecord",
     "EditResult",
+    "Feedback",
+    "FeedbackLog",
+    "LearnReport",
     "CheckpointError",
     "FingerprintMismatchError",
     "MemoirConfig",

@@ -32,6 +32,8 @@ from .editing.prefixes import generate_prefixes, with_prefix
 from .editing.result import EditResult
 from .editing.trainer import EditBatch, target_logits, train_columns
 from .errors import MemoirError, PatchError
+from .feedback.learning import LearnReport, learn_from
+from .feedback.log import FeedbackLog
 from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
 from .fingerprint.tophash import TopHash
@@ -203,6 +205,16 @@ class MemoirModel(nn.Module):
             results.append(self._write(fact, fact_ids))
             bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.2f}")
         return results
+
+    def learn_from(self, feedback_log: FeedbackLog, *, min_confidence: float = 0.8,
+                   progress: bool = True) -> LearnReport:
+        """Apply the log's corrections with confidence >= ``min_confidence`` that no stored edit came from.
+
+        Each edit records its ``feedback_id`` in its metadata (saved with the checkpoint), so running
+        this again, in this process or after save and load, edits nothing new.
+        """
+        self._check_patched()
+        return learn_from(self, feedback_log, min_confidence=min_confidence, progress=progress)
 
     @property
     def _context_length(self) -> int | None:

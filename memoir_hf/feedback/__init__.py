@@ -1,0 +1,1 @@
+"""Learning from user feedback: an append-only log of corrections, applied as edits once each."""

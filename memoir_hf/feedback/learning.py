@@ -1,0 +1,47 @@
+"""Apply the corrections of a FeedbackLog as edits, each at most once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .log import FeedbackLog
+
+if TYPE_CHECKING:
+    from ..model import MemoirModel
+
+FEEDBACK_KEY = "feedback_id"
+"""Edit metadata key naming the feedback an edit came from: what makes learn_from idempotent."""
+
+
+@dataclass
+class LearnReport:
+    """What ``learn_from`` did with each feedback entry."""
+
+    applied: dict[str, int] = field(default_factory=dict)
+    """feedback_id -> the edit_id it produced."""
+    failed: dict[str, int] = field(default_factory=dict)
+    """feedback_id -> edit_id of edits that did not reach their target (kept, marked unsuccessful)."""
+    already_applied: list[str] = field(default_factory=list)
+    below_confidence: list[str] = field(default_factory=list)
+
+
+def learn_from(memoir: MemoirModel, log: FeedbackLog, *, min_confidence: float = 0.8,
+               progress: bool = True) -> LearnReport:
+    """Edit every correction of ``log`` with confidence >= ``min_confidence`` that no stored edit came from."""
+    done = {e.metadata.get(FEEDBACK_KEY) for e in memoir.edits}
+    report = LearnReport()
+    pending = []
+    for entry in log.entries():
+        if entry.feedback_id in done:
+            report.already_applied.append(entry.feedback_id)
+        elif entry.confidence < min_confidence:
+            report.below_confidence.append(entry.feedback_id)
+        else:
+            pending.append(entry)
+    records = [{"prompt": e.prompt, "target": e.correction,
+                "metadata": {FEEDBACK_KEY: e.feedback_id, "source": e.source, "confidence": e.confidence}}
+               for e in pending]
+    for entry, result in zip(pending, memoir.edit_many(records, progress=progress), strict=True):
+        (report.applied if result.success else report.failed)[entry.feedback_id] = result.edit_id
+    return report
