@@ -50,13 +50,10 @@ def add_synthetic_edits(memoir, n: int, must_include, rng) -> None:
         weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
 
 
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def timed_pair(base_run, patched_run, repeats: int) -> tuple[float, float]:
@@ -64,8 +61,8 @@ def timed_pair(base_run, patched_run, repeats: int) -> tuple[float, float]:
     base_run(), patched_run()
     base, patched = [], []
     for _ in range(repeats):
-        base.append(median_seconds(base_run, 1))
-        patched.append(median_seconds(patched_run, 1))
+        base.append(seconds(base_run))
+        patched.append(seconds(patched_run))
     return statistics.median(base), statistics.median(patched)
 
 
@@ -97,7 +94,8 @@ def main() -> None:
 
     rows, report_cells, stored, rss_by_edits = [], [], 0, {}
     for n_edits in sorted(args.edits):
-        add_synthetic_edits(memoir, n_edits - stored, routed_masks[stored:], rng) if n_edits > stored else None
+        if n_edits > stored:
+            add_synthetic_edits(memoir, n_edits - stored, routed_masks[stored:], rng)
         stored = n_edits
         rss_by_edits[n_edits] = current_rss_mb()
         for kind, batch_rows in (("not routed", plain_rows), ("routed", routed_rows)):

@@ -80,14 +80,12 @@ def _parse(variable: str, name: str, text: str) -> Any:
     text = text.strip()
     if not text:
         raise MemoirConfigError(f"{variable} is set but empty: unset it or give a value for {name}.")
-    if name == "layer" and not _is_int(text):
-        return text  # a module name, checked when the model is patched
+    if name == "layer":
+        return int(text) if _is_int(text) else text  # a module name is checked when the model is patched
     try:
-        if name in ("max_steps", "layer") or (name == "top_k" and _is_int(text)):
-            return int(text)
-        return float(text)
+        return int(text) if name == "max_steps" or (name == "top_k" and _is_int(text)) else float(text)
     except ValueError:
-        kind = "an int" if name in ("max_steps",) else "a number"
+        kind = "an int" if name == "max_steps" else "a number"
         raise MemoirConfigError(f"{variable}={text!r} is not {kind} (it sets MemoirConfig.{name}).") from None
 
 

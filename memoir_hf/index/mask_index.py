@@ -5,7 +5,7 @@ the nearest mask by overlap is the nearest by Hamming distance. FAISS's IndexBin
 search; an exact NumPy scan gives identical answers when faiss is not importable. Past
 ``SUBLINEAR_FROM`` masks (and at every doubling after), a FAISS binary IVF index is tried on the
 stored masks and used only if it is measured faster with top-1 recall >= 0.99 (see
-:mod:`memoir_hf.index.sublinear`).
+:mod:`memoir_hf.index.sublinear` for the exact rule).
 """
 
 from __future__ import annotations
@@ -77,20 +77,11 @@ class MaskIndex:
 
     def __getstate__(self) -> dict:
         """Copies and pickles carry the masks; the FAISS indexes (SWIG objects) are rebuilt from them."""
-        state = self.__dict__.copy()
-        state["_buffer"] = self.codes.copy()
-        state["_faiss_index"] = state["_ivf"] = None
-        state["ivf_trial"] = None
-        state["_next_ivf_check"] = SUBLINEAR_FROM
-        return state
+        return {"n_bits": self.n_bits, "top_k": self.top_k, "use_faiss": self.use_faiss, "codes": self.codes.copy()}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.use_faiss:
-            self._faiss_index = _on_fastest_device(faiss.IndexBinaryFlat(self.n_bytes * 8))
-            self._faiss_index.add(self.codes)
-            if self._count >= self._next_ivf_check:
-                self._choose_sublinear()
+        self.__init__(state["n_bits"], state["top_k"], use_faiss=state["use_faiss"])
+        self.add_codes(state["codes"])
 
     @property
     def codes(self) -> np.ndarray:
@@ -125,7 +116,7 @@ class MaskIndex:
         """Measure an IVF index on the stored masks; search it from now on only if it wins."""
         ivf, trial = measure_ivf(self.codes, self._faiss_index, self.top_k)
         self.ivf_trial = trial
-        self._ivf = ivf if trial.recall >= 0.99 and trial.speedup >= 1.5 else None
+        self._ivf = ivf if trial.worth_using else None
         self._next_ivf_check = 2 * self._count
 
     @property

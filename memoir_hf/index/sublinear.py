@@ -4,8 +4,8 @@ A sub-linear index trades recall for speed. Whether the trade is good depends on
 masks cluster, which differs by model and data, so the choice is measured on the stored masks
 themselves: queries are stored masks with part of their bits moved elsewhere (so that they overlap
 their source at ``query_overlap``, the hard end of what routing accepts), the exact scan gives the
-right answers, and the IVF index is adopted only at a probe count where its top-1 recall is at
-least ``min_recall`` and it is at least ``min_speedup`` times faster than the exact scan.
+right answers, and the IVF index is worth using only at a probe count where its top-1 recall is at
+least ``MIN_RECALL`` and it is at least ``MIN_SPEEDUP`` times faster than the exact scan.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ try:
     import faiss
 except ImportError:  # pragma: no cover - the caller checks faiss_available() first
     faiss = None
+
+MIN_RECALL = 0.99
+MIN_SPEEDUP = 1.5
 
 
 @dataclass
@@ -37,6 +40,10 @@ class IvfTrial:
     @property
     def speedup(self) -> float:
         return self.exact_ms / self.ivf_ms if self.ivf_ms > 0 else math.inf
+
+    @property
+    def worth_using(self) -> bool:
+        return self.recall >= MIN_RECALL and self.speedup >= MIN_SPEEDUP
 
 
 def default_nlist(n_masks: int) -> int:
@@ -71,8 +78,8 @@ def perturbed_queries(codes: np.ndarray, top_k: int, n_bits: int, n_queries: int
 
 
 def measure_ivf(codes: np.ndarray, exact_index, top_k: int, *, query_overlap: float = 0.5, n_queries: int = 200,
-                min_recall: float = 0.99, rng: np.random.Generator | None = None, ivf=None) -> tuple[object, IvfTrial]:
-    """Build (or take) an IVF index and find the smallest probe count reaching ``min_recall``.
+                min_recall: float = MIN_RECALL, rng: np.random.Generator | None = None) -> tuple[object, IvfTrial]:
+    """Build an IVF index and find the smallest probe count reaching ``min_recall``.
 
     Returns the index and its best trial: the first nprobe that reaches ``min_recall``, else the one
     with the highest recall.
@@ -83,7 +90,7 @@ def measure_ivf(codes: np.ndarray, exact_index, top_k: int, *, query_overlap: fl
     start = time.perf_counter()
     _, exact = exact_index.search(queries, 1)
     exact_ms = 1e3 * (time.perf_counter() - start) / n_queries
-    ivf = ivf if ivf is not None else build_ivf(codes, default_nlist(len(codes)), rng=rng)
+    ivf = build_ivf(codes, default_nlist(len(codes)), rng=rng)
     best = None
     nprobe = 1
     while True:
