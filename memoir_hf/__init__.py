@@ -2,6 +2,7 @@
 
 from ._version import __version__ as __version__
 from .config import MemoirConfig
+from .editing.fact_files import read_facts
 from .editing.result import EditResult
 from .errors import (
     EditInputError,
@@ -10,8 +11,11 @@ from .errors import (
     PatchError,
     UnsupportedModelError,
 )
+from .feedback.correction import Correction, CorrectionReport
 from .feedback.learning import LearnReport
 from .feedback.log import Feedback, FeedbackLog
+from .generation import Answer
+from .management.consolidation import ConsolidationReport, OverlapGroup
 from .memory.store import EditRecord
 from .model import MemoirModel, patch
 from .patching.registry import register_architecture, supported_model_types
@@ -22,6 +26,12 @@ from .persistence.loading import load
 from .routing.router import RoutingDecision
 
 __all__ = [
+    "Answer",
+    "ConsolidationReport",
+    "Correction",
+    "CorrectionReport",
+    "OverlapGroup",
+    "read_facts",
     "EditInputError",
     "EditRecord",
     "EditResult",

@@ -50,6 +50,11 @@ class MemoirConfig:
     """None trains edits in the model's dtype. "bfloat16" or "float16" runs each optimisation step
     under torch.autocast (steps 1.25x faster on this project's CPU with bf16 support); W_m, its update and the
     success check stay in the model's dtype, so an edit that autocast under-trains reports failure."""
+    keep_edit_deltas: bool = True
+    """Keep what each edit adds to W_m (d_model x k numbers an edit, in W_m's dtype: 1 MB on
+    SmolLM2-135M in fp32, 32 MB on LLaMA-3-8B in bf16), in memory and in the checkpoint, so that
+    ``remove_edit`` can take it out exactly. Turn it off for big models or many edits; ``remove_edit``
+    then only withdraws an edit from routing."""
     prefix_starts: tuple[str, ...] = ("I", "You", "Because", "Yes", "Q: ")
     """Starts of the context prefixes the model generates once for prefix augmentation."""
     prefix_lengths: tuple[int, ...] = (5, 10)
@@ -122,6 +127,8 @@ class MemoirConfig:
         _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         _check_int("max_steps", self.max_steps, low=1)
         _check_number("stop_loss", self.stop_loss, low=0.0)
+        if not isinstance(self.keep_edit_deltas, bool):
+            raise MemoirConfigError(f"keep_edit_deltas must be True or False, got {self.keep_edit_deltas!r}.")
         if self.edit_autocast not in AUTOCAST_DTYPES:
             raise MemoirConfigError(f"edit_autocast must be one of {AUTOCAST_DTYPES}, got {self.edit_autocast!r}.")
         if not all(isinstance(s, str) and s for s in self.prefix_starts):

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._version import __version__
 from .config import MemoirConfig
+from .editing.fact_files import read_facts
 from .editing.inputs import (
     EncodedFact,
     Fact,
@@ -30,15 +31,19 @@ from .editing.inputs import (
 from .editing.prefix_cache import reuse_frozen_prefix
 from .editing.prefixes import generate_prefixes, with_prefix
 from .editing.result import EditResult
-from .editing.trainer import EditBatch, target_logits, train_columns
-from .errors import MemoirError, PatchError
+from .editing.trainer import EditBatch, TrainOutcome, target_logits, train_columns
+from .errors import EditInputError, MemoirError, PatchError
+from .feedback.correction import Accept, Correction, CorrectionReport, check_accept, correct_many, correct_one
 from .feedback.learning import LearnReport, learn_from
 from .feedback.log import FeedbackLog
 from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
 from .fingerprint.tophash import TopHash
+from .generation import Answer, greedy_new_tokens
+from .management.consolidation import ConsolidationReport, consolidate
+from .management.search import matching_edits
 from .memory.layer import MemoirLayer
-from .memory.store import EditRecord, EditStore, utc_now
+from .memory.store import EditDelta, EditRecord, EditStore, utc_now
 from .patching.dispatch import loaded_weight
 from .patching.target import PatchTarget, find_target
 from .persistence.atomic import atomic_folder, recover_interrupted_swap
@@ -88,6 +93,9 @@ class MemoirModel(nn.Module):
         self.store = store
         self.router = Router(model, layer.tophash, store, config)
         self.prefixes: list[str] | None = None
+        self.base_model_source: str | None = None
+        """How to load the base model again (a built-in name, folder or Hub id), saved in the checkpoint
+        so that ``memoir-hf`` commands need no ``--model``; set by whoever loaded the model."""
         self._edit_path = "cached"
         object.__setattr__(self, "_layer", layer)  # already a submodule of base_model
         self._patched = True
@@ -189,15 +197,17 @@ class MemoirModel(nn.Module):
         """Write one fact: after ``prompt`` (and its paraphrases) the model answers ``target``."""
         self._check_patched()
         fact = check_fact(prompt, target, metadata)
-        return self._write(fact, encode_fact(self._require_tokenizer(), fact, self._context_length))
+        return self._write(fact, self._encode(fact))
 
-    def edit_many(self, records: Iterable[Any], *, progress: bool = True) -> list[EditResult]:
-        """Write facts one after another. Every record is checked before the first is written."""
+    def edit_many(self, records: Iterable[Any] | str | os.PathLike, *, progress: bool = True) -> list[EditResult]:
+        """Write facts one after another: dicts with prompt, target (and metadata), (prompt, target)
+        pairs, or a JSONL/CSV file of them (see :func:`memoir_hf.read_facts`). Every record is
+        checked before the first is written."""
         self._check_patched()
-        tokenizer = self._require_tokenizer()
+        if isinstance(records, (str, os.PathLike)):
+            records = read_facts(records)
         facts = [fact_from_record(record, i) for i, record in enumerate(records)]
-        encoded = [encode_fact(tokenizer, fact, self._context_length, where=record_position(i))
-                   for i, fact in enumerate(facts)]
+        encoded = [self._encode(fact, where=record_position(i)) for i, fact in enumerate(facts)]
         results = []
         bar = tqdm(zip(facts, encoded, strict=True), total=len(facts), desc="memoir edits", unit="edit",
                    disable=not progress)
@@ -216,6 +226,94 @@ class MemoirModel(nn.Module):
         self._check_patched()
         return learn_from(self, feedback_log, min_confidence=min_confidence, progress=progress)
 
+    def correct(self, prompt: str, answer: str, *, accept: Accept | None = None,
+                metadata: dict[str, Any] | None = None) -> Correction:
+        """Ask the model (greedy, through the memory) and edit only if its answer is not ``answer``.
+
+        By default the answer counts as given when the model's continuation, normalised (case,
+        punctuation, articles, spaces), is ``answer`` or starts with it followed by more words;
+        ``accept(model_answer, answer) -> bool`` replaces that test.
+        """
+        self._check_patched()
+        check_accept(accept)
+        return correct_one(self, check_fact(prompt, answer, metadata), accept)
+
+    def correct_many(self, items: Iterable[Any] | str | os.PathLike, *, accept: Accept | None = None,
+                     progress: bool = True) -> CorrectionReport:
+        """``correct`` over a list of {prompt, answer} dicts or (prompt, answer) pairs, or a JSONL/CSV file.
+
+        Every item is checked before the first edit; the report counts checked, already correct,
+        edited and failed facts and keeps each Correction.
+        """
+        self._check_patched()
+        check_accept(accept)
+        return correct_many(self, items, accept, progress=progress)
+
+    def ask(self, prompt: str, *, max_new_tokens: int = 32) -> Answer:
+        """The model's greedy continuation of ``prompt`` through the memory, and the edit it read."""
+        self._check_patched()
+        check_fact(prompt, "-")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MemoirError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+        prompt_ids = self._require_tokenizer()(prompt)["input_ids"]
+        limit = self._context_length
+        if limit is not None and len(prompt_ids) >= limit:
+            raise EditInputError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {limit}.")
+        text = self._greedy_answer(prompt_ids, max_new_tokens)
+        return Answer(prompt, text, self.router.decisions[0])
+
+    # -- managing stored edits ------------------------------------------------------------------
+    def get_edit(self, edit_id: int) -> EditRecord:
+        """A copy of one stored edit's record; MemoirError if no stored edit has this id."""
+        return copy.deepcopy(self.store.records[self.store.position_of(edit_id)])
+
+    def find_edits(self, text: str | None = None, *, metadata: Mapping[str, Any] | None = None,
+                   success: bool | None = None) -> list[EditRecord]:
+        """Copies of the stored edits whose prompt or target contains ``text`` (case-insensitive),
+        whose metadata holds every item of ``metadata``, and whose success is ``success``."""
+        return copy.deepcopy(matching_edits(self.store.records, text, metadata=metadata, success=success))
+
+    @property
+    def removed_edits(self) -> list[EditRecord]:
+        """Copies of the records of removed (and merged) edits, kept so their feedback is not applied again."""
+        return copy.deepcopy(self.store.removed)
+
+    def remove_edit(self, edit_id: int, *, routing_only: bool = False) -> EditRecord:
+        """Withdraw one edit and return its record.
+
+        Its mask leaves the index, so no prompt routes to it any more, and what it added to W_m is
+        subtracted. W_m then holds exactly what the remaining edits added (the deltas of all stored
+        edits sum to W_m). What is not restored: edits written after this one were trained on top
+        of its values on the columns they share, so on those columns they now see different
+        weights; check them (``memoir.edits`` and a forward pass) if many share its columns. Edits
+        written with ``keep_edit_deltas=False`` (or loaded from a checkpoint saved without deltas)
+        can only be withdrawn from routing: pass ``routing_only=True``.
+        """
+        self._check_patched()
+        self.store.position_of(edit_id)
+        if not routing_only and edit_id not in self.store.deltas:
+            raise MemoirError(f"edit {edit_id} was written without keep_edit_deltas, so its part of W_m is unknown; "
+                              "remove_edit(edit_id, routing_only=True) withdraws it from routing only.")
+        removed = self.store.remove(edit_id)
+        if removed.delta is not None and not routing_only:
+            self._layer.subtract_columns(removed.delta.columns, removed.delta.values)
+        return copy.deepcopy(removed.record)
+
+    def consolidate(self, min_overlap: float = 0.9, *, merge_duplicates: bool = True,
+                    resolve_conflicts: bool = False) -> ConsolidationReport:
+        """Find edits whose masks overlap at >= ``min_overlap`` (the same fact edited more than once).
+
+        A group whose targets agree (after normalisation) is a duplicate: the older edits are merged
+        into the newest (withdrawn from routing, their W_m deltas folded into its delta; W_m does
+        not change). A group with different targets is a conflict: reported, and merged the same
+        way (the newest target wins) only with ``resolve_conflicts``. Routing already prefers the
+        newest edit on a tie, so a later edit of the same prompt wins without consolidating.
+        Costs O(n^2 d_ff) over n stored edits.
+        """
+        self._check_patched()
+        return consolidate(self.store, min_overlap, merge_duplicates=merge_duplicates,
+                           resolve_conflicts=resolve_conflicts)
+
     @property
     def _context_length(self) -> int | None:
         return context_length(self.base_model.config)
@@ -226,6 +324,19 @@ class MemoirModel(nn.Module):
                               "to MemoirModel.from_pretrained / memoir_hf.load.")
         return self.tokenizer
 
+    def _encode(self, fact: Fact, *, where: str = "") -> EncodedFact:
+        return encode_fact(self._require_tokenizer(), fact, self._context_length, where=where)
+
+    def _greedy_answer(self, prompt_ids: list[int], max_new_tokens: int) -> str:
+        """Greedy continuation through the memory (routing decided from the prompt), decoded."""
+        limit = self._context_length
+        if limit is not None:
+            max_new_tokens = max(1, min(max_new_tokens, limit - len(prompt_ids)))
+        tokenizer = self._require_tokenizer()
+        with self._inference_mode():
+            new_tokens = greedy_new_tokens(self, tokenizer, prompt_ids, max_new_tokens, self._layer.device)
+        return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
     def _write(self, fact: Fact, encoded: EncodedFact) -> EditResult:
         start = time.perf_counter()
         with self._inference_mode():
@@ -235,14 +346,27 @@ class MemoirModel(nn.Module):
             with self._frozen_prefix(batch):
                 outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config,
                                         all_positions=self.edit_path == "naive")
-        self._layer.write_columns(columns, outcome.columns_value)
-        record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
-                            loss=outcome.loss)
-        self.store.add(record, mask)
+        record = self._commit(fact, mask, columns, outcome)
         accuracy, routed = self._check_edit(encoded)
         record.success = accuracy == 1.0
         return EditResult(record.edit_id, record.success, outcome.loss, outcome.steps,
                           time.perf_counter() - start, accuracy, routed)
+
+    def _commit(self, fact: Fact, mask: torch.Tensor, columns: torch.Tensor, outcome: TrainOutcome) -> EditRecord:
+        """Write the trained columns into W_m and store the edit, all or nothing."""
+        before = self._layer.memory_weight[:, columns].detach().clone()
+        record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
+                            loss=outcome.loss)
+        try:
+            self._layer.write_columns(columns, outcome.columns_value)
+            delta = None
+            if self.memoir_config.keep_edit_deltas:
+                delta = EditDelta(columns.cpu(), (self._layer.memory_weight[:, columns].detach() - before).cpu())
+            self.store.add(record, mask, delta)
+        except BaseException:
+            self._layer.write_columns(columns, before)
+            raise
+        return record
 
     def _fingerprint(self, prompt_ids: list[int]) -> torch.Tensor:
         return self._fingerprints([prompt_ids])[0]
@@ -381,6 +505,7 @@ class MemoirModel(nn.Module):
             "base_model_fingerprint": _fingerprint_of(self.base_model, target, self._layer),
             "prefixes": self.prefixes,
             "next_edit_id": self.store.next_id,
+            "base_model": self.base_model_source,
         }
 
     @torch.no_grad()
@@ -391,6 +516,7 @@ class MemoirModel(nn.Module):
         layer.tophash.background.copy_(checkpoint.background.to(layer.tophash.background.device))
         restore_store(checkpoint, self.store)
         self.prefixes = checkpoint.manifest.get("prefixes")
+        self.base_model_source = checkpoint.manifest.get("base_model")
 
     @contextmanager
     def _original_layout(self) -> Iterator[None]:

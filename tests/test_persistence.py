@@ -40,7 +40,8 @@ MEMORY_FILE = "memoir_memory.safetensors"
 MASKS_FILE = "memoir_masks.safetensors"
 INDEX_FILE = "memoir_index.faiss"
 EDITS_FILE = "memoir_edits.jsonl"
-MEMOIR_FILES = {CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE}
+DELTAS_FILE = "memoir_deltas.safetensors"
+MEMOIR_FILES = {CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE, DELTAS_FILE}
 RECORD_KEYS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle"}
 

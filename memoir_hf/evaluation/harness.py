@@ -124,7 +124,8 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
 
 def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
             checkpoint_dir: str | os.PathLike | None, records: Sequence[EvalRecord]) -> MemoirModel:
-    config = config or MemoirConfig()
+    # An evaluation never removes an edit: do not keep a d_model x k delta per edit in memory and on disk.
+    config = dataclasses.replace(config or MemoirConfig(), keep_edit_deltas=False)
     if method == "ft-l":
         # Fine-tuning the same down projection: every column, memory always on (no mask, no routing).
         d_ff = find_target(base, config).d_ff
@@ -134,6 +135,7 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
     if checkpoint_dir is None or not is_checkpoint(checkpoint_dir):
         return patch(base, config, tokenizer=tokenizer)
     memoir = MemoirModel.from_pretrained(base, checkpoint_dir, tokenizer)
+    memoir.memoir_config.keep_edit_deltas = False
     done = [(e.prompt, e.target) for e in memoir.edits]
     saved, wanted = (_run_settings(c) for c in (memoir.memoir_config, config))
     if saved != wanted or done != [(r.prompt, r.target) for r in records[:len(done)]] or len(done) > len(records):
@@ -145,7 +147,7 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
 
 def _run_settings(config: MemoirConfig) -> dict[str, Any]:
     """The settings a resumed run must share (τ is set after editing; the layer is saved by name)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("threshold", "layer")}
+    return {k: v for k, v in config.to_dict().items() if k not in ("threshold", "layer", "keep_edit_deltas")}
 
 
 def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_dir: str | os.PathLike | None,

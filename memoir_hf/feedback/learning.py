@@ -28,8 +28,12 @@ class LearnReport:
 
 def learn_from(memoir: MemoirModel, log: FeedbackLog, *, min_confidence: float = 0.8,
                progress: bool = True) -> LearnReport:
-    """Edit every correction of ``log`` with confidence >= ``min_confidence`` that no stored edit came from."""
-    done = {e.metadata.get(FEEDBACK_KEY) for e in memoir.edits}
+    """Edit every correction of ``log`` with confidence >= ``min_confidence`` that no edit came from.
+
+    An edit that was removed (or merged away) still counts: removing it does not invite the same
+    feedback back in.
+    """
+    done = {e.metadata.get(FEEDBACK_KEY) for e in memoir.store.records + memoir.store.removed}
     report = LearnReport()
     pending = []
     for entry in log.entries():

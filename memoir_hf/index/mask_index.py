@@ -105,6 +105,12 @@ class MaskIndex:
             if self._count >= self._next_ivf_check:
                 self._choose_sublinear()
 
+    def remove(self, positions: list[int]) -> None:
+        """Drop the masks at these positions; later masks move up, keeping their order."""
+        codes = np.delete(self.codes, positions, axis=0)
+        self.__init__(self.n_bits, self.top_k, use_faiss=self.use_faiss)
+        self.add_codes(codes)
+
     def _grow_to(self, size: int) -> None:
         """Room for ``size`` masks, doubling capacity so n adds cost O(n) copies, not O(n^2)."""
         if size > len(self._buffer):

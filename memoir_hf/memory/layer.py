@@ -88,5 +88,11 @@ class MemoirLayer(nn.Module):
         """Store a finished edit: only these columns of W_m change."""
         self.memory_weight[:, columns] = values.to(self.memory_weight.dtype)
 
+    @torch.no_grad()
+    def subtract_columns(self, columns: torch.Tensor, values: torch.Tensor) -> None:
+        """Take an edit's delta back out of these columns."""
+        columns = columns.to(self.device)
+        self.memory_weight[:, columns] -= values.to(self.device, self.memory_weight.dtype)
+
     def extra_repr(self) -> str:
         return f"d_ff={self.in_features}, d_model={self.out_features}"

@@ -8,6 +8,11 @@ Files (all written by :func:`write_checkpoint`, read and checked by :func:`read_
 - ``memoir_masks.safetensors``: the packed bit masks and their edit ids.
 - ``memoir_index.faiss``: the FAISS binary index, a cache of the masks (rebuilt if stale).
 - ``memoir_edits.jsonl``: one JSON line an edit.
+- ``memoir_deltas.safetensors``: what each edit added to W_m (its columns and values), for the
+  edits written with ``keep_edit_deltas``; optional (checkpoints without it load, their edits are
+  then removable from routing only).
+
+The records of removed edits are kept in ``memoir_config.json`` under ``removed_edits``.
 
 No pickle anywhere: JSON, safetensors and FAISS's own index format, so loading runs no code.
 """
@@ -28,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import MemoirConfig
 from ..errors import MemoirError
-from ..memory.store import EditRecord, EditStore
+from ..memory.store import EditDelta, EditRecord, EditStore
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "memoir_config.json"
@@ -36,7 +41,8 @@ MEMORY_FILE = "memoir_memory.safetensors"
 MASKS_FILE = "memoir_masks.safetensors"
 INDEX_FILE = "memoir_index.faiss"
 EDITS_FILE = "memoir_edits.jsonl"
-MEMOIR_FILES = (CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE)
+DELTAS_FILE = "memoir_deltas.safetensors"
+MEMOIR_FILES = (CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE, DELTAS_FILE)
 _RECORD_FIELDS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
 
 
@@ -56,6 +62,8 @@ class Checkpoint:
     background: torch.Tensor
     codes: np.ndarray
     records: list[EditRecord]
+    deltas: dict[int, EditDelta]
+    removed: list[EditRecord]
 
     @property
     def module_name(self) -> str:
@@ -72,7 +80,7 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: torch.Tensor,
                      permutation: torch.Tensor, background: torch.Tensor, store: EditStore) -> None:
-    """Write the five files into ``folder`` (normally a temporary folder; see atomic_folder)."""
+    """Write the six files into ``folder`` (normally a temporary folder; see atomic_folder)."""
     module = manifest["target"]["module_name"]
     save_file({f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
                f"{module}.tophash.background": _cpu(background)}, folder / MEMORY_FILE,
@@ -84,8 +92,12 @@ def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: t
     with open(folder / EDITS_FILE, "w", encoding="utf-8") as handle:
         for record in store.records:
             handle.write(json.dumps(record.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
+    deltas = {f"{edit_id}.{part}": _cpu(getattr(delta, part)) for edit_id, delta in store.deltas.items()
+              for part in ("columns", "values")}
+    save_file(deltas, folder / DELTAS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
     manifest = {**manifest, "format_version": FORMAT_VERSION, "num_edits": len(store),
-                "masks_sha256": _codes_checksum(store.index.codes)}
+                "masks_sha256": _codes_checksum(store.index.codes),
+                "removed_edits": [record.to_dict() for record in store.removed]}
     (folder / CONFIG_FILE).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
 
 
@@ -112,13 +124,18 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder / EDITS_FILE} lists edits {[r.edit_id for r in records][:10]}... but "
                               f"{MASKS_FILE} holds masks for {edit_ids.tolist()[:10]}...; the files do not belong "
                               "together.")
-    return Checkpoint(folder, manifest, config, weight, permutation, background, codes, records)
+    deltas = _read_deltas(folder / DELTAS_FILE, set(edit_ids.tolist()), d_model, d_ff)
+    removed = [_record(values, f"{folder / CONFIG_FILE} removed_edits[{i}]")
+               for i, values in enumerate(manifest.get("removed_edits", []))]
+    return Checkpoint(folder, manifest, config, weight, permutation, background, codes, records, deltas, removed)
 
 
 def restore_store(checkpoint: Checkpoint, store: EditStore) -> None:
     """Fill an empty EditStore from the checkpoint; reuse its FAISS index when it matches the masks."""
     store.index.add_codes(checkpoint.codes)
     store.records = list(checkpoint.records)
+    store.deltas = dict(checkpoint.deltas)
+    store.removed = list(checkpoint.removed)
     stored = [record.edit_id for record in checkpoint.records]
     store.next_id = max([int(checkpoint.manifest.get("next_edit_id", 0)), *(i + 1 for i in stored)])
     index_path = checkpoint.folder / INDEX_FILE
@@ -203,10 +220,37 @@ def _read_edits(path: Path) -> list[EditRecord]:
             values = json.loads(line)
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{path} line {number} is not valid JSON ({error}).") from None
-        if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
-            raise CheckpointError(f"{path} line {number} must hold exactly {sorted(_RECORD_FIELDS)}.")
-        records.append(EditRecord(**values))
+        records.append(_record(values, f"{path} line {number}"))
     return records
+
+
+def _record(values: Any, where: str) -> EditRecord:
+    if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
+        raise CheckpointError(f"{where} must hold exactly {sorted(_RECORD_FIELDS)}.")
+    return EditRecord(**values)
+
+
+def _read_deltas(path: Path, edit_ids: set[int], d_model: int, d_ff: int) -> dict[int, EditDelta]:
+    """The kept deltas, each checked against the stored edits and the layer's shape; {} if none were saved."""
+    if not path.exists():
+        return {}
+    tensors = _read_safetensors(path)
+    deltas = {}
+    for key in tensors:
+        name, _, part = key.partition(".")
+        if not name.isdigit() or int(name) not in edit_ids or part not in ("columns", "values"):
+            raise CheckpointError(f"{path}: tensor {key!r} names no stored edit; the files do not belong together.")
+        edit_id = int(name)
+        if edit_id in deltas:
+            continue
+        columns, values = tensors.get(f"{name}.columns"), tensors.get(f"{name}.values")
+        if columns is None or values is None or columns.ndim != 1 or columns.dtype != torch.int64 \
+                or tuple(values.shape) != (d_model, len(columns)) or len(columns) == 0 \
+                or int(columns.min()) < 0 or int(columns.max()) >= d_ff:
+            raise CheckpointError(f"{path}: the delta of edit {edit_id} is incomplete or does not fit a layer of "
+                                  f"d_model={d_model}, d_ff={d_ff}.")
+        deltas[edit_id] = EditDelta(columns, values)
+    return deltas
 
 
 def _codes_checksum(codes: np.ndarray) -> str:

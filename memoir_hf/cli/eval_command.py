@@ -1,18 +1,15 @@
-"""The memoir-hf command line. Errors are one line on stderr: exit code 2 for usage, 1 for failures."""
+"""memoir-hf eval: the paper's protocol on a benchmark file."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from collections.abc import Sequence
 
-from .errors import MemoirError
+from .common import UsageError, set_threads
 
 
-def _eval_parser(commands: argparse._SubParsersAction) -> None:
-    from .evaluation.datasets import FORMATS
-    from .evaluation.harness import METHODS
+def add_eval_command(commands: argparse._SubParsersAction) -> None:
+    from ..evaluation.datasets import FORMATS
+    from ..evaluation.harness import METHODS
 
     parser = commands.add_parser("eval", help="edit T facts of a benchmark one after another, then evaluate",
                                  description="The MEMOIR/WISE/GRACE protocol: T sequential edits, one evaluation "
@@ -36,26 +33,22 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--strict-data", action="store_true", help="refuse malformed records instead of skipping")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.set_defaults(handler=_run_eval)
+    parser.set_defaults(handler=run_eval)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    import torch
+def run_eval(args: argparse.Namespace) -> int:
 
-    from .config_sources import load_config
-    from .evaluation.datasets import load_texts
-    from .evaluation.harness import run
+    from ..config_sources import load_config
+    from ..evaluation.datasets import load_texts
+    from ..evaluation.harness import run
 
     if args.edits < 1:
-        raise _UsageError("--edits must be at least 1")
+        raise UsageError("--edits must be at least 1")
     if args.checkpoint_every < 1:
-        raise _UsageError("--checkpoint-every must be at least 1")
+        raise UsageError("--checkpoint-every must be at least 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise _UsageError("--threshold must be in [0, 1]")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise _UsageError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+        raise UsageError("--threshold must be in [0, 1]")
+    set_threads(args.threads)
     config = load_config(args.config) if args.config else None
     texts = load_texts(args.calibration_texts) if args.calibration_texts else None
     data = args.data[0] if len(args.data) == 1 else args.data
@@ -68,39 +61,3 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="memoir-hf", description="Lifelong model editing with MEMOIR for Hugging Face models.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _eval_parser(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except _UsageError as error:
-        print(f"memoir-hf {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except (MemoirError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"memoir-hf {args.command}: {type(error).__name__}: {first_line}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"memoir-hf {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Facts from a user's file: JSONL (one object a line) or CSV (a header row), checked whole before use.
+
+Each row needs ``prompt`` and ``target`` (``answer`` is accepted as the same field). In JSONL an
+optional ``metadata`` object is kept; any other key or CSV column becomes metadata too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import EditInputError
+from .inputs import check_fact
+
+FACT_SUFFIXES = (".jsonl", ".csv")
+_ANSWER_KEYS = ("target", "answer")
+
+
+def read_facts(path: str | Path) -> list[dict[str, Any]]:
+    """Records ``{"prompt", "target", "metadata"}``; EditInputError naming the file and line otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in FACT_SUFFIXES:
+        raise EditInputError(f"{path}: facts are read from .jsonl or .csv files, not {path.suffix or 'no suffix'!r}.")
+    if not path.is_file():
+        raise EditInputError(f"{path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise EditInputError(f"{path} is not UTF-8 text: {error}") from None
+    rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(text, path)
+    records = [_record(row, f"{path.name} line {line}: ") for line, row in rows]
+    if not records:
+        raise EditInputError(f"{path} holds no facts; each row needs a prompt and a target.")
+    return records
+
+
+def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:
+    rows = []
+    for line, content in enumerate(text.splitlines(), start=1):
+        if not content.strip():
+            continue
+        try:
+            rows.append((line, json.loads(content)))
+        except json.JSONDecodeError as error:
+            raise EditInputError(f"{path.name} line {line}: not valid JSON ({error}).") from None
+    return rows
+
+
+def _csv_rows(text: str) -> list[tuple[int, Any]]:
+    reader = csv.DictReader(text.splitlines())
+    rows = []
+    for row in reader:
+        if any(value and value.strip() for key, value in row.items() if key is not None):
+            rows.append((reader.line_num, {key: value for key, value in row.items() if value not in (None, "")}))
+    return rows
+
+
+def _record(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise EditInputError(f"{where}expected an object with 'prompt' and 'target', got {type(row).__name__}.")
+    if None in row:
+        raise EditInputError(f"{where}has more values than the header has columns.")
+    answers = [row[key] for key in _ANSWER_KEYS if key in row]
+    if len(answers) > 1 and answers[0] != answers[1]:
+        raise EditInputError(f"{where}gives both 'target' and 'answer' with different values; keep one.")
+    if "prompt" not in row or not answers:
+        missing = " and ".join(k for k, present in (("prompt", "prompt" in row), ("target", bool(answers)))
+                               if not present)
+        raise EditInputError(f"{where}missing {missing}; each row needs 'prompt' and 'target' (or 'answer').")
+    metadata = row.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise EditInputError(f"{where}metadata must be an object, got {type(metadata).__name__}.")
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "metadata", *_ANSWER_KEYS)}
+    fact = check_fact(row["prompt"], answers[0], {**extra, **metadata}, where=where)
+    return {"prompt": fact.prompt, "target": fact.target, "metadata": fact.metadata}

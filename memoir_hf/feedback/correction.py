@@ -1,0 +1,117 @@
+"""Self-correction: ask the model first, edit only the facts it gets wrong."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from ..editing.fact_files import read_facts
+from ..editing.inputs import Fact, fact_from_record, record_position
+from ..editing.result import EditResult
+from ..errors import MemoirError
+from .answers import answers_match
+
+if TYPE_CHECKING:
+    from ..model import MemoirModel
+
+Accept = Callable[[str, str], bool]
+"""``accept(model_answer, expected)``: True when the model's answer already says what is expected."""
+ALREADY_CORRECT, EDITED, EDIT_FAILED = "already_correct", "edited", "edit_failed"
+EXTRA_ANSWER_TOKENS = 3
+"""Tokens generated beyond the expected answer's length, so a longer wrong answer is seen as wrong."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    """What ``correct`` did with one fact, and why."""
+
+    prompt: str
+    answer: str
+    model_answer: str
+    """The model's greedy answer before any edit (through the memory)."""
+    status: str
+    """"already_correct", "edited" or "edit_failed"."""
+    edit: EditResult | None = None
+
+    @property
+    def reason(self) -> str:
+        if self.status == ALREADY_CORRECT:
+            return f"the model already answers {self.model_answer!r}"
+        verdict = "now answers" if self.status == EDITED else "still does not reliably answer"
+        return f"the model answered {self.model_answer!r}; edit {self.edit.edit_id} {verdict} {self.answer!r}"
+
+
+@dataclass
+class CorrectionReport:
+    corrections: list[Correction] = field(default_factory=list)
+
+    def _count(self, status: str) -> int:
+        return sum(c.status == status for c in self.corrections)
+
+    @property
+    def checked(self) -> int:
+        return len(self.corrections)
+
+    @property
+    def already_correct(self) -> int:
+        return self._count(ALREADY_CORRECT)
+
+    @property
+    def edited(self) -> int:
+        return self._count(EDITED)
+
+    @property
+    def failed(self) -> int:
+        return self._count(EDIT_FAILED)
+
+    def summary(self) -> str:
+        return (f"checked {self.checked}: {self.already_correct} already correct, {self.edited} edited, "
+                f"{self.failed} failed")
+
+
+def correct_one(memoir: MemoirModel, fact: Fact, accept: Accept | None) -> Correction:
+    encoded = memoir._encode(fact)
+    model_answer = memoir._greedy_answer(encoded.prompt_ids, len(encoded.target_ids) + EXTRA_ANSWER_TOKENS)
+    if _accepted(accept, model_answer, fact.target):
+        return Correction(fact.prompt, fact.target, model_answer, ALREADY_CORRECT)
+    result = memoir._write(fact, encoded)
+    return Correction(fact.prompt, fact.target, model_answer, EDITED if result.success else EDIT_FAILED, result)
+
+
+def correct_many(memoir: MemoirModel, items: Iterable[Any] | str | os.PathLike, accept: Accept | None, *,
+                 progress: bool) -> CorrectionReport:
+    records = read_facts(items) if isinstance(items, (str, os.PathLike)) else list(items)
+    facts = [fact_from_record(_with_target(record), i) for i, record in enumerate(records)]
+    for i, fact in enumerate(facts):  # every fact is checked before the first is edited
+        memoir._encode(fact, where=record_position(i))
+    report = CorrectionReport()
+    bar = tqdm(facts, desc="memoir corrections", unit="fact", disable=not progress)
+    for fact in bar:
+        report.corrections.append(correct_one(memoir, fact, accept))
+        bar.set_postfix(edited=report.edited, correct=report.already_correct)
+    return report
+
+
+def _with_target(record: Any) -> Any:
+    """Corrections name the expected text ``answer``; edits call it ``target``. Both are accepted."""
+    if isinstance(record, Mapping) and "answer" in record and "target" not in record:
+        return {("target" if key == "answer" else key): value for key, value in record.items()}
+    return record
+
+
+def check_accept(accept: Any) -> None:
+    if accept is not None and not callable(accept):
+        raise MemoirError(f"accept must be a callable (model_answer, expected) -> bool, got {type(accept).__name__}.")
+
+
+def _accepted(accept: Accept | None, model_answer: str, expected: str) -> bool:
+    if accept is None:
+        return answers_match(model_answer, expected)
+    verdict = accept(model_answer, expected)
+    if not isinstance(verdict, bool):
+        raise MemoirError(f"accept must return True or False, returned {type(verdict).__name__} {verdict!r}.")
+    return verdict
