@@ -51,8 +51,8 @@ class MemoirConfig:
     under torch.autocast (steps 1.25x faster on this project's CPU with bf16 support); W_m, its update and the
     success check stay in the model's dtype, so an edit that autocast under-trains reports failure."""
     keep_edit_deltas: bool = True
-    """Keep what each edit adds to W_m (d_model x k numbers an edit, in W_m's dtype: 1 MB on
-    SmolLM2-135M in fp32, 32 MB on LLaMA-3-8B in bf16), in memory and in the checkpoint, so that
+    """Keep what each edit adds to W_m (d_model x k float32 numbers an edit: 1 MB on
+    SmolLM2-135M, 64 MB on LLaMA-3-8B), in memory and in the checkpoint, so that
     ``remove_edit`` can take it out exactly. Turn it off for big models or many edits; ``remove_edit``
     then only withdraws an edit from routing."""
     prefix_starts: tuple[str, ...] = ("I", "You", "Because", "Yes", "Q: ")

@@ -294,7 +294,7 @@ class MemoirModel(nn.Module):
         if not routing_only and edit_id not in self.store.deltas:
             raise MemoirError(f"edit {edit_id} was written without keep_edit_deltas, so its part of W_m is unknown; "
                               "remove_edit(edit_id, routing_only=True) withdraws it from routing only.")
-        removed = self.store.remove(edit_id)
+        (removed,) = self.store.remove([edit_id])
         if removed.delta is not None and not routing_only:
             self._layer.subtract_columns(removed.delta.columns, removed.delta.values)
         return copy.deepcopy(removed.record)
@@ -361,7 +361,8 @@ class MemoirModel(nn.Module):
             self._layer.write_columns(columns, outcome.columns_value)
             delta = None
             if self.memoir_config.keep_edit_deltas:
-                delta = EditDelta(columns.cpu(), (self._layer.memory_weight[:, columns].detach() - before).cpu())
+                written = self._layer.memory_weight[:, columns].detach()
+                delta = EditDelta(columns.cpu(), (written.float() - before.float()).cpu())
             self.store.add(record, mask, delta)
         except BaseException:
             self._layer.write_columns(columns, before)

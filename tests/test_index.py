@@ -303,3 +303,95 @@ def test_pickled_index_answers_like_the_original(use_faiss):
         np.testing.assert_array_equal(got, want)
     restored.add(random_masks(rng, 1, 96, 12))
     assert len(restored) == 51 and len(index) == 50
+
+
+# -- removal --------------------------------------------------------------------------------------
+
+
+def removal_case() -> tuple[np.ndarray, np.ndarray]:
+    """40 stored masks with three copies of one mask, and queries: random, copies of stored masks."""
+    rng = np.random.default_rng(8)
+    stored = random_masks(rng, 40, 96, 12)
+    stored[30] = stored[5]
+    stored[35] = stored[5]
+    queries = np.concatenate([random_masks(rng, 30, 96, 12), stored[[5, 0, 17, 30, 39, 12, 38]]])
+    return stored, queries
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_remove_keeps_the_order_and_answers_like_a_fresh_index(use_faiss):
+    need_backend(use_faiss)
+    stored, queries = removal_case()
+    index = filled_index(stored, 96, 12, use_faiss)
+    removed = [30, 0, 39, 17]  # any order, first, last, one copy of the triplicated mask
+    index.remove(removed)
+    kept = np.delete(stored, removed, axis=0)
+    assert len(index) == 36 and index.use_faiss is use_faiss
+    assert index.search_method == ("flat" if use_faiss else "numpy")
+    np.testing.assert_array_equal(index.codes, pack_masks(kept))
+    for position in (0, 4, 16, 35):
+        np.testing.assert_array_equal(index.mask(position), kept[position])
+    fresh = filled_index(kept, 96, 12, use_faiss)
+    positions, overlaps = index.search(queries)
+    for got, want in zip((positions, overlaps), fresh.search(queries), strict=True):
+        np.testing.assert_array_equal(got, want)
+    expected_positions, expected_overlaps = brute_force(kept, queries, 12)
+    np.testing.assert_array_equal(positions, expected_positions)
+    np.testing.assert_allclose(overlaps, expected_overlaps)
+    assert positions[30] == 35 - 3  # the copy of stored[5]: the newest remaining copy (stored[35]) wins
+    # the queries that were removed masks no longer find themselves at overlap 1
+    assert overlaps[[32, 34]].max() < 1.0
+
+
+@pytest.mark.parametrize("use_faiss", BACKENDS)
+def test_remove_then_add_and_remove_everything(use_faiss):
+    need_backend(use_faiss)
+    stored, queries = removal_case()
+    index = filled_index(stored, 96, 12, use_faiss)
+    index.remove([])
+    np.testing.assert_array_equal(index.codes, pack_masks(stored))
+    index.remove([5, 6])
+    extra = random_masks(np.random.default_rng(9), 3, 96, 12)
+    index.add(extra)
+    expected = np.concatenate([np.delete(stored, [5, 6], axis=0), extra])
+    np.testing.assert_array_equal(index.codes, pack_masks(expected))
+    for got, want in zip(index.search(queries), brute_force(expected, queries, 12), strict=True):
+        np.testing.assert_allclose(got, want)
+    if use_faiss:
+        assert index._faiss_index.ntotal == len(index) == 41
+    index.remove(list(range(len(index))))
+    assert len(index) == 0 and index.codes.shape == (0, 12)
+    positions, overlaps = index.search(queries[:2])
+    np.testing.assert_array_equal(positions, [-1, -1])
+    assert np.isnan(overlaps).all()
+
+
+def test_remove_from_an_adopted_ivf_index_answers_like_the_exact_search(monkeypatch):
+    pytest.importorskip("faiss")
+    import memoir_hf.index.mask_index as mask_index
+    from memoir_hf.index.sublinear import IvfTrial
+
+    real_measure = mask_index.measure_ivf
+
+    def always_adopt(codes, exact, top_k, **kwargs):
+        ivf, trial = real_measure(codes, exact, top_k, **kwargs)
+        ivf.nprobe = ivf.nlist
+        return ivf, IvfTrial(trial.n_masks, ivf.nlist, ivf.nlist, 1.0, 1.0, 0.1)
+
+    monkeypatch.setattr(mask_index, "SUBLINEAR_FROM", 500)
+    monkeypatch.setattr(mask_index, "measure_ivf", always_adopt)
+    rng = np.random.default_rng(10)
+    stored = clustered_masks(rng, 600, 128, 32, n_clusters=8)
+    stored[590] = stored[10]
+    index = MaskIndex(128, 32, use_faiss=True)
+    index.add(stored)
+    assert index.search_method == "ivf"
+    index.remove([590, 3])
+    kept = np.delete(stored, [590, 3], axis=0)
+    assert len(index) == 598 and index.search_method == "ivf"
+    queries = np.concatenate([stored[[10, 3, 599]], clustered_masks(rng, 20, 128, 32, n_clusters=8)])
+    positions, overlaps = index.search(queries)
+    expected_positions, expected_overlaps = brute_force(kept, queries, 32)
+    assert positions[0] == 9  # stored[10], now at 9: its newer copy was removed
+    np.testing.assert_array_equal(positions, expected_positions)
+    np.testing.assert_allclose(overlaps, expected_overlaps)

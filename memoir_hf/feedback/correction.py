@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..editing.fact_files import read_facts
 from ..editing.inputs import Fact, fact_from_record, record_position
 from ..editing.result import EditResult
-from ..errors import MemoirError
+from ..errors import EditInputError, MemoirError
 from .answers import answers_match
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def correct_one(memoir: MemoirModel, fact: Fact, accept: Accept | None) -> Corre
 def correct_many(memoir: MemoirModel, items: Iterable[Any] | str | os.PathLike, accept: Accept | None, *,
                  progress: bool) -> CorrectionReport:
     records = read_facts(items) if isinstance(items, (str, os.PathLike)) else list(items)
-    facts = [fact_from_record(_with_target(record), i) for i, record in enumerate(records)]
+    facts = [fact_from_record(_with_target(record, record_position(i)), i) for i, record in enumerate(records)]
     for i, fact in enumerate(facts):  # every fact is checked before the first is edited
         memoir._encode(fact, where=record_position(i))
     report = CorrectionReport()
@@ -96,11 +97,13 @@ def correct_many(memoir: MemoirModel, items: Iterable[Any] | str | os.PathLike, 
     return report
 
 
-def _with_target(record: Any) -> Any:
+def _with_target(record: Any, where: str) -> Any:
     """Corrections name the expected text ``answer``; edits call it ``target``. Both are accepted."""
-    if isinstance(record, Mapping) and "answer" in record and "target" not in record:
-        return {("target" if key == "answer" else key): value for key, value in record.items()}
-    return record
+    if not isinstance(record, Mapping) or "answer" not in record:
+        return record
+    if "target" in record and record["target"] != record["answer"]:
+        raise EditInputError(f"{where}gives both 'answer' and 'target' with different values; keep one.")
+    return {("target" if key == "answer" else key): value for key, value in record.items()}
 
 
 def check_accept(accept: Any) -> None:
@@ -112,6 +115,8 @@ def _accepted(accept: Accept | None, model_answer: str, expected: str) -> bool:
     if accept is None:
         return answers_match(model_answer, expected)
     verdict = accept(model_answer, expected)
+    if isinstance(verdict, np.bool_):
+        verdict = bool(verdict)
     if not isinstance(verdict, bool):
         raise MemoirError(f"accept must return True or False, returned {type(verdict).__name__} {verdict!r}.")
     return verdict

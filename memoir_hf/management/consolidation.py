@@ -109,10 +109,11 @@ def consolidate(store: EditStore, min_overlap: float, *, merge_duplicates: bool,
 
 
 def _merge_into(store: EditStore, kept: int, older: list[int]) -> None:
-    for edit_id in older:
-        removed = store.remove(edit_id)
+    merged = set(older)
+    for removed in store.remove(older):
+        merged.update(removed.record.metadata.get(MERGED_KEY, []))
         kept_delta = store.deltas.pop(kept, None)
         if kept_delta is not None and removed.delta is not None:
             store.deltas[kept] = kept_delta.merged_with(removed.delta)
     record = store.records[store.position_of(kept)]
-    record.metadata[MERGED_KEY] = sorted([*record.metadata.get(MERGED_KEY, []), *older])
+    record.metadata[MERGED_KEY] = sorted(merged.union(record.metadata.get(MERGED_KEY, [])))

@@ -92,7 +92,10 @@ class MemoirLayer(nn.Module):
     def subtract_columns(self, columns: torch.Tensor, values: torch.Tensor) -> None:
         """Take an edit's delta back out of these columns."""
         columns = columns.to(self.device)
-        self.memory_weight[:, columns] -= values.to(self.device, self.memory_weight.dtype)
+        # In float32, where the difference of two fp16/bf16 weights is exact: taking out the latest
+        # edit gives back W_m bit for bit.
+        remaining = self.memory_weight[:, columns].float() - values.to(self.device, torch.float32)
+        self.memory_weight[:, columns] = remaining.to(self.memory_weight.dtype)
 
     def extra_repr(self) -> str:
         return f"d_ff={self.in_features}, d_model={self.out_features}"

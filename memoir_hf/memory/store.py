@@ -36,7 +36,7 @@ def utc_now() -> str:
 
 @dataclass
 class EditDelta:
-    """What one edit added to W_m: ``values`` [d_model, c] on ``columns`` (long [c]), on the CPU."""
+    """What one edit added to W_m: float32 ``values`` [d_model, c] on sorted ``columns`` (long [c]), on the CPU."""
 
     columns: torch.Tensor
     values: torch.Tensor
@@ -62,9 +62,10 @@ class RemovedEdit:
 class EditStore:
     """Edit records in write order, their masks in a MaskIndex, and the next fresh edit id.
 
-    ``deltas`` maps an edit id to what that edit added to W_m's masked columns, [d_model, k] on the
-    CPU, for the edits written while ``keep_edit_deltas`` was on: it is what makes an edit removable.
-    The deltas of the stored edits always sum to W_m.
+    ``deltas`` maps an edit id to what that edit added to W_m's masked columns, float32 [d_model, k]
+    on the CPU (float32 holds the difference of two fp16/bf16 weights exactly), for the edits written
+    while ``keep_edit_deltas`` was on: it is what makes an edit removable. The deltas of the stored
+    edits sum to W_m.
     """
 
     def __init__(self, d_ff: int, top_k: int, *, use_faiss: bool | None = None):
@@ -96,13 +97,16 @@ class EditStore:
         shown = f"{known[:5]}...{known[-5:]}" if len(known) > 10 else str(known)
         raise MemoirError(f"no stored edit has id {edit_id}; the stored ids are {shown}.")
 
-    def remove(self, edit_id: int) -> RemovedEdit:
-        """Take an edit's record, mask and delta out; nothing routes to it afterwards."""
-        position = self.position_of(edit_id)
-        removed = RemovedEdit(self.records[position], self.deltas.pop(edit_id, None))
-        self.index.remove([position])
-        del self.records[position]
-        self.removed.append(removed.record)
+    def remove(self, edit_ids: list[int]) -> list[RemovedEdit]:
+        """Take these edits' records, masks and deltas out (one index rebuild); nothing routes to them."""
+        positions = [self.position_of(edit_id) for edit_id in edit_ids]
+        if len(set(positions)) != len(positions):
+            raise MemoirError(f"an edit id is given twice in {edit_ids}.")
+        removed = [RemovedEdit(self.records[p], self.deltas.pop(self.records[p].edit_id, None)) for p in positions]
+        self.index.remove(positions)
+        gone = set(positions)
+        self.records = [record for position, record in enumerate(self.records) if position not in gone]
+        self.removed += [r.record for r in removed]
         return removed
 
     def mask(self, position: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -125,8 +125,11 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
                               f"{MASKS_FILE} holds masks for {edit_ids.tolist()[:10]}...; the files do not belong "
                               "together.")
     deltas = _read_deltas(folder / DELTAS_FILE, set(edit_ids.tolist()), d_model, d_ff)
-    removed = [_record(values, f"{folder / CONFIG_FILE} removed_edits[{i}]")
-               for i, values in enumerate(manifest.get("removed_edits", []))]
+    removed_values = manifest.get("removed_edits", [])
+    if not isinstance(removed_values, list):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: removed_edits must be a list of edit records; the file is "
+                              "corrupt.")
+    removed = [_record(values, f"{folder / CONFIG_FILE} removed_edits[{i}]") for i, values in enumerate(removed_values)]
     return Checkpoint(folder, manifest, config, weight, permutation, background, codes, records, deltas, removed)
 
 
@@ -246,10 +249,11 @@ def _read_deltas(path: Path, edit_ids: set[int], d_model: int, d_ff: int) -> dic
         columns, values = tensors.get(f"{name}.columns"), tensors.get(f"{name}.values")
         if columns is None or values is None or columns.ndim != 1 or columns.dtype != torch.int64 \
                 or tuple(values.shape) != (d_model, len(columns)) or len(columns) == 0 \
-                or int(columns.min()) < 0 or int(columns.max()) >= d_ff:
+                or int(columns.min()) < 0 or int(columns.max()) >= d_ff or not bool((columns.diff() > 0).all()) \
+                or not values.is_floating_point():
             raise CheckpointError(f"{path}: the delta of edit {edit_id} is incomplete or does not fit a layer of "
                                   f"d_model={d_model}, d_ff={d_ff}.")
-        deltas[edit_id] = EditDelta(columns, values)
+        deltas[edit_id] = EditDelta(columns, values.float())
     return deltas
 
 
