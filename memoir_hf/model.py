@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ._version import __version__
+from .concurrency import SharedExclusiveLock, exclusive, shared
 from .config import MemoirConfig
 from .editing.fact_files import read_facts
 from .editing.inputs import (
@@ -86,6 +87,7 @@ class MemoirModel(nn.Module):
         store = EditStore(target.d_ff, target.top_k, use_faiss=use_faiss)
 
         config.lock_structure()
+        self._memory_lock = SharedExclusiveLock()
         self.base_model = model
         self._memoir_config = config
         self.target = target
@@ -121,6 +123,7 @@ class MemoirModel(nn.Module):
                 raise
             return getattr(base, name)
 
+    @shared
     def forward(self, *args: Any, prompt_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The base model's forward, reading the memory. ``prompt_mask`` ([batch, seq], 1 on prompt
         tokens) limits the fingerprint to the prompt when the input also holds an answer, as in
@@ -129,6 +132,7 @@ class MemoirModel(nn.Module):
         with self.router.prompt_mask(prompt_mask):
             return self.base_model(*args, **kwargs)
 
+    @shared
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's generate; routing is decided from the prompt and kept for every new token."""
         self._check_patched()
@@ -180,6 +184,7 @@ class MemoirModel(nn.Module):
         with self.router.disabled():
             yield
 
+    @exclusive
     def compute_background(self, texts: Sequence[str]) -> None:
         """Recompute the background vector from these texts (only while the memory has no edit)."""
         self._check_patched()
@@ -278,6 +283,7 @@ class MemoirModel(nn.Module):
         """Copies of the records of removed (and merged) edits, kept so their feedback is not applied again."""
         return copy.deepcopy(self.store.removed)
 
+    @exclusive
     def remove_edit(self, edit_id: int, *, routing_only: bool = False) -> EditRecord:
         """Withdraw one edit and return its record.
 
@@ -299,6 +305,7 @@ class MemoirModel(nn.Module):
             self._layer.subtract_columns(removed.delta.columns, removed.delta.values)
         return copy.deepcopy(removed.record)
 
+    @exclusive
     def consolidate(self, min_overlap: float = 0.9, *, merge_duplicates: bool = True,
                     resolve_conflicts: bool = False) -> ConsolidationReport:
         """Find edits whose masks overlap at >= ``min_overlap`` (the same fact edited more than once).
@@ -337,6 +344,7 @@ class MemoirModel(nn.Module):
             new_tokens = greedy_new_tokens(self, tokenizer, prompt_ids, max_new_tokens, self._layer.device)
         return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
+    @exclusive
     def _write(self, fact: Fact, encoded: EncodedFact) -> EditResult:
         start = time.perf_counter()
         with self._inference_mode():
@@ -346,6 +354,11 @@ class MemoirModel(nn.Module):
             with self._frozen_prefix(batch):
                 outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config,
                                         all_positions=self.edit_path == "naive")
+        if not _finite_in(outcome.columns_value, self._layer.memory_weight.dtype):
+            return EditResult(None, False, outcome.loss, outcome.steps, time.perf_counter() - start, 0.0, None,
+                              error=f"the optimisation produced values that are not finite in "
+                                    f"{self._layer.memory_weight.dtype} (NaN or inf); nothing was written. Lower "
+                                    "learning_rate or max_grad_norm, or edit in float32.")
         record = self._commit(fact, mask, columns, outcome)
         accuracy, routed = self._check_edit(encoded)
         record.success = accuracy == 1.0
@@ -379,6 +392,7 @@ class MemoirModel(nn.Module):
         return torch.cat([self._layer.tophash(activations, mask) for activations, mask in batches])
 
     # -- threshold calibration ------------------------------------------------------------------
+    @exclusive
     def calibrate_threshold(self, unrelated_texts: Sequence[str] | None = None, *, max_edits: int = 200,
                             negative_quantile: float = 0.99, positive_quantile: float = 0.05) -> Calibration:
         """Set ``memoir_config.threshold`` from the stored edits and unrelated text, and return why.
@@ -458,6 +472,7 @@ class MemoirModel(nn.Module):
             self.base_model.train(was_training)
 
     # -- saving and loading -------------------------------------------------------------------
+    @exclusive
     def save_pretrained(self, save_directory: str | os.PathLike, *, save_base: bool = False) -> None:
         """Write the memoir state (and, with ``save_base``, the base model and tokenizer) to a folder.
 
@@ -530,6 +545,7 @@ class MemoirModel(nn.Module):
             setattr(parent, self.target.attribute, self._layer)
 
     # -- unpatching -------------------------------------------------------------------------
+    @exclusive
     def unpatch(self) -> nn.Module:
         """Put the original down projection back and return the base model, exactly as it was."""
         self._check_patched()
@@ -554,6 +570,11 @@ def _fingerprint_of(model: nn.Module, target: PatchTarget, layer: MemoirLayer | 
     down_proj = layer.base_layer if layer is not None else model.get_submodule(target.module_name)
     with loaded_weight(down_proj) as weight:
         return base_fingerprint(model, target, weight, conv1d=isinstance(down_proj, Conv1D))
+
+
+def _finite_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value is finite, also once stored in ``dtype`` (fp16 overflows past 65504)."""
+    return bool(torch.isfinite(values.to(dtype)).all())
 
 
 def _refuse_double_patch(model: nn.Module) -> None:

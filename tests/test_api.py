@@ -688,7 +688,7 @@ def test_an_edit_leaves_the_cached_decoding_decision_alone():
         out = memoir(input_ids=ids, use_cache=True)
     before = memoir.routing
     memoir.edit("Bob likes to eat", "figs")
-    assert memoir.routing == before and memoir.router._routed is None
+    assert memoir.routing == before and memoir.router._call.routed is None
     with torch.no_grad():
         memoir(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
     assert memoir.routing == before

@@ -103,6 +103,9 @@ def run_edit(args: argparse.Namespace) -> int:
     memoir = open_memoir(args, create=True, config_path=args.config)
     results = memoir.edit_many(facts, progress=len(facts) > 1)
     for fact, result in zip(facts, results, strict=True):
+        if result.error is not None:
+            print(f"NOT STORED: {shorten(fact['prompt'])!r}: {result.error}")
+            continue
         outcome = "ok" if result.success else "FAILED"
         print(f"edit {result.edit_id} {outcome}: {shorten(fact['prompt'])!r} -> {shorten(fact['target'], 30)!r} "
               f"({result.steps} steps, loss {result.loss:.3f}, {result.seconds:.1f} s)")

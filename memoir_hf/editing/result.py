@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class EditResult:
-    edit_id: int
+    edit_id: int | None
+    """The stored edit's id; None when nothing was stored (see ``error``)."""
     success: bool
     """Every target token is the argmax after the plain prompt, read through routing."""
     loss: float
@@ -19,3 +20,5 @@ class EditResult:
     """Fraction of target tokens that are the argmax after the plain prompt, through routing."""
     routed_edit_id: int | None
     """The edit the plain prompt routed to in that check (normally this edit)."""
+    error: str | None = None
+    """Why nothing was stored, when the edit was rolled back (its optimisation produced NaN or inf)."""

@@ -157,6 +157,8 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
                disable=not progress)
     for record in bar:
         result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
+        if result.error is not None:
+            raise MemoirError(f"record {record.index} ({record.prompt!r}): {result.error}")
         memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
         seconds.append(result.seconds)
         bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")

@@ -42,6 +42,8 @@ class Correction:
     def reason(self) -> str:
         if self.status == ALREADY_CORRECT:
             return f"the model already answers {self.model_answer!r}"
+        if self.edit.error is not None:
+            return f"the model answered {self.model_answer!r}; the edit was rolled back: {self.edit.error}"
         verdict = "now answers" if self.status == EDITED else "still does not reliably answer"
         return f"the model answered {self.model_answer!r}; edit {self.edit.edit_id} {verdict} {self.answer!r}"
 

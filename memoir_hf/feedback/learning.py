@@ -20,8 +20,9 @@ class LearnReport:
 
     applied: dict[str, int] = field(default_factory=dict)
     """feedback_id -> the edit_id it produced."""
-    failed: dict[str, int] = field(default_factory=dict)
-    """feedback_id -> edit_id of edits that did not reach their target (kept, marked unsuccessful)."""
+    failed: dict[str, int | None] = field(default_factory=dict)
+    """feedback_id -> edit_id of edits that did not reach their target (kept, marked unsuccessful), or
+    None for an edit rolled back because its optimisation produced NaN/inf (nothing stored)."""
     already_applied: list[str] = field(default_factory=list)
     below_confidence: list[str] = field(default_factory=list)
 

@@ -9,6 +9,7 @@ prompt pass, and reused unchanged for every decoding step.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,22 +42,43 @@ class RoutingDecision:
         return self.edit_id is not None
 
 
+class _CallState(threading.local):
+    """What one thread's model call is doing: each thread routes its own calls, so threads that call
+    the model at the same time never see each other's decisions."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.decisions: list[RoutingDecision] = []
+        self.routed: RoutedRows | None = None
+        self.decided_batch: int | None = None
+        self.prompt_pass = True
+        self.batch_size: int | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.explicit_prompt_mask: torch.Tensor | None = None
+        self.in_generation = False
+        self.generation_decided = False
+
+
 class Router:
     def __init__(self, model: nn.Module, tophash: TopHash, store: EditStore, config: MemoirConfig):
         self.tophash = tophash
         self.store = store
         self.config = config
-        self.enabled = True
-        self.decisions: list[RoutingDecision] = []
         self._signature = _forward_signature(model)
-        self._routed: RoutedRows | None = None
-        self._decided_batch: int | None = None
-        self._prompt_pass = True
-        self._batch_size: int | None = None
-        self._token_mask: torch.Tensor | None = None
-        self._explicit_prompt_mask: torch.Tensor | None = None
-        self._in_generation = False
-        self._generation_decided = False
+        self._call = _CallState()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies start with fresh per-thread state (a threading.local cannot be copied)."""
+        return {key: value for key, value in self.__dict__.items() if key != "_call"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._call = _CallState()
+
+    @property
+    def decisions(self) -> list[RoutingDecision]:
+        """This thread's decisions for the sequences of its last prompt pass."""
+        return self._call.decisions
 
     # -- called by the patched model and the memory layer ------------------------------------
     def before_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -64,72 +86,72 @@ class Router:
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments.get("inputs_embeds")
-        self._batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else None
-        if self._in_generation:  # the first step of generate decides, whatever cache it was given
-            self._prompt_pass = not self._generation_decided
+        self._call.batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) else None
+        if self._call.in_generation:  # the first step of generate decides, whatever cache it was given
+            self._call.prompt_pass = not self._call.generation_decided
         else:
-            self._prompt_pass = _cache_is_empty(arguments.get("past_key_values"))
-        if self._prompt_pass:
-            explicit = self._explicit_prompt_mask
+            self._call.prompt_pass = _cache_is_empty(arguments.get("past_key_values"))
+        if self._call.prompt_pass:
+            explicit = self._call.explicit_prompt_mask
             if explicit is not None and (explicit.dim() != 2 or (isinstance(inputs, torch.Tensor)
                                                                  and tuple(explicit.shape) != tuple(inputs.shape[:2]))):
                 raise MemoirError(f"prompt_mask must be [batch, seq] like the input ({tuple(inputs.shape[:2])}), "
                                   f"got {tuple(explicit.shape)}.")
             mask = explicit if explicit is not None else arguments.get("attention_mask")
-            self._token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            self._call.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def __call__(self, inputs: torch.Tensor) -> RoutedRows | None:
-        batch = int(inputs.shape[0]) if inputs.dim() == 3 else self._batch_size
-        if self._prompt_pass:
-            self._routed = self._decide(inputs, batch)
-            self._decided_batch = batch
-            self._generation_decided = self._in_generation
-        elif batch != self._decided_batch:
+        batch = int(inputs.shape[0]) if inputs.dim() == 3 else self._call.batch_size
+        if self._call.prompt_pass:
+            self._call.routed = self._decide(inputs, batch)
+            self._call.decided_batch = batch
+            self._call.generation_decided = self._call.in_generation
+        elif batch != self._call.decided_batch:
             raise MemoirError(
                 f"a cached decoding step with batch size {batch} follows a prompt pass with batch size "
-                f"{self._decided_batch}; run the prompt pass (an empty cache) for this batch first."
+                f"{self._call.decided_batch}; run the prompt pass (an empty cache) for this batch first."
             )
-        return self._routed
+        return self._call.routed
 
     # -- scopes -----------------------------------------------------------------------------
     @contextmanager
     def generation(self) -> Iterator[None]:
         """Within generate: the first forward decides; every later step reuses it, cache or not."""
-        self._in_generation, self._generation_decided = True, False
+        self._call.in_generation, self._call.generation_decided = True, False
         try:
             yield
         finally:
-            self._in_generation, self._generation_decided = False, False
+            self._call.in_generation, self._call.generation_decided = False, False
 
     @contextmanager
     def preserved(self) -> Iterator[None]:
         """Library-internal passes (edit checks, prefix generation) leave the user's routing state as it was."""
-        saved = (self.decisions, self._routed, self._decided_batch, self._generation_decided)
+        saved = (self._call.decisions, self._call.routed, self._call.decided_batch, self._call.generation_decided)
         try:
             yield
         finally:
-            self.decisions, self._routed, self._decided_batch, self._generation_decided = saved
+            self._call.decisions, self._call.routed, self._call.decided_batch, self._call.generation_decided = saved
 
     @contextmanager
     def prompt_mask(self, mask: torch.Tensor | None) -> Iterator[None]:
-        self._explicit_prompt_mask = mask
+        self._call.explicit_prompt_mask = mask
         try:
             yield
         finally:
-            self._explicit_prompt_mask = None
+            self._call.explicit_prompt_mask = None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
-        previous, self.enabled = self.enabled, False
+        previous, self._call.enabled = self._call.enabled, False
         try:
             yield
         finally:
-            self.enabled = previous
+            self._call.enabled = previous
 
     # -- the decision -----------------------------------------------------------------------
     def _decide(self, inputs: torch.Tensor, batch: int) -> RoutedRows | None:
-        if not self.enabled or len(self.store) == 0:
-            self.decisions = [RoutingDecision(None, None)] * batch
+        if not self._call.enabled or len(self.store) == 0:
+            self._call.decisions = [RoutingDecision(None, None)] * batch
             return None
         activations = inputs.reshape(batch, -1, inputs.shape[-1])
         token_mask = self._token_mask_for(activations)
@@ -137,7 +159,7 @@ class Router:
         positions, overlaps = self.store.nearest(queries)
         has_prompt = token_mask.sum(dim=1).cpu().numpy() > 0
         routed = has_prompt & (overlaps >= self.config.threshold)
-        self.decisions = [self._decision(p, o, r) for p, o, r in zip(positions, overlaps, routed, strict=True)]
+        self._call.decisions = [self._decision(p, o, r) for p, o, r in zip(positions, overlaps, routed, strict=True)]
         rows = np.flatnonzero(routed)
         if len(rows) == 0:
             return None
@@ -150,7 +172,7 @@ class Router:
         return RoutingDecision(nearest if routed else None, float(overlap), nearest)
 
     def _token_mask_for(self, activations: torch.Tensor) -> torch.Tensor:
-        mask = self._token_mask
+        mask = self._call.token_mask
         if mask is None or tuple(mask.shape) != tuple(activations.shape[:2]):
             return torch.ones(activations.shape[:2], device=activations.device)
         return mask.to(activations.device)
