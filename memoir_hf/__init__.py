@@ -20,6 +20,7 @@ from .memory.store import EditRecord
 from .model import MemoirModel, patch
 from .patching.registry import register_architecture, supported_model_types
 from .patching.target import PatchTarget, find_target
+from .persistence.atomic import SaveError
 from .persistence.checkpoint import CheckpointError
 from .persistence.fingerprint import FingerprintMismatchError
 from .persistence.loading import load
@@ -47,6 +48,7 @@ __all__ = [
     "PatchError",
     "PatchTarget",
     "RoutingDecision",
+    "SaveError",
     "UnsupportedModelError",
     "find_target",
     "load",

@@ -15,6 +15,7 @@ import fnmatch
 import glob
 import os
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Collection, Iterator
@@ -23,10 +24,16 @@ from pathlib import Path
 
 from ..errors import MemoirError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _PREVIOUS_TAG = ".memoir-previous-"
 _TEMP_TAG = ".memoir-writing-"
+_LOCK_TAG = ".memoir-lock"
 
 
 @contextmanager
@@ -37,20 +44,83 @@ def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()
     glob pattern in ``owned`` (files this save is responsible for: a stale one must not survive).
     """
     destination = Path(destination).absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists() and not destination.is_dir():
         raise MemoirError(f"cannot save to {destination}: it exists and is not a folder; choose a folder path.")
-    _remove_stale_temporaries(destination)
-    temporary = destination.parent / f".{destination.name}{_TEMP_TAG}{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
     try:
-        yield temporary
-        if destination.exists():
-            _carry_over(destination, temporary, owned)
-        _fsync_tree(temporary)
-        _swap_in(temporary, destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with _save_lock(destination):
+            _remove_stale_temporaries(destination)
+            temporary = destination.parent / f".{destination.name}{_TEMP_TAG}{uuid.uuid4().hex[:8]}"
+            temporary.mkdir()
+            try:
+                yield temporary
+                if destination.exists():
+                    _carry_over(destination, temporary, owned)
+                _fsync_tree(temporary)
+                _swap_in(temporary, destination)
+            finally:
+                shutil.rmtree(temporary, ignore_errors=True)
+    except OSError as error:
+        if isinstance(error, SaveError):
+            raise
+        raise SaveError(f"could not save to {destination}: {error}. Nothing was changed there; free space or "
+                        "fix the permissions and save again.") from error
+
+
+class SaveError(MemoirError, OSError):
+    """A save failed (disk full, no permission, another save holding the folder); the folder is unchanged."""
+
+
+SAVE_LOCK_TIMEOUT = 60.0
+"""Seconds a save waits for another process's save to the same folder before refusing."""
+
+
+@contextmanager
+def _save_lock(destination: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold an advisory lock on ``destination`` for the whole save, so two processes (or threads) never
+    write the same folder at once. The kernel releases it if the holder dies, and the holder deletes the
+    lock file when done (a waiter that locked the deleted file tries again). No lock on non-POSIX systems."""
+    if fcntl is None:  # pragma: no cover - Windows
+        yield
+        return
+    lock_path = destination.parent / f".{destination.name}{_LOCK_TAG}"
+    deadline = time.monotonic() + (SAVE_LOCK_TIMEOUT if timeout is None else timeout)
+    descriptor = _locked_file(lock_path, deadline, destination)
+    try:
+        yield
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        os.unlink(lock_path)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def _locked_file(lock_path: Path, deadline: float, destination: Path) -> int:
+    """An open descriptor of ``lock_path``, locked, and still the file at that path."""
+    while True:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise SaveError(f"could not save to {destination}: another save to it is still running "
+                                        f"(lock {lock_path.name}); try again when it has finished.") from None
+                    time.sleep(0.05)
+            if _same_file(lock_path, descriptor):
+                return descriptor
+        except BaseException:
+            os.close(descriptor)
+            raise
+        os.close(descriptor)  # the previous holder deleted the file we locked: lock the current one
+
+
+def _same_file(path: Path, descriptor: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def recover_interrupted_swap(destination: str | os.PathLike) -> None:
