@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ STRUCTURAL = ("layer", "top_k", "aggregation", "seed", "background_prompts")
 DEFAULT_LAYER_FRACTION = 27 / 32
 # The paper's k = 4096 of d_ff = 14336.
 DEFAULT_TOP_K = 4096 / 14336
+# torch.Generator.manual_seed takes seeds up to 2**64 - 1.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -121,9 +124,9 @@ class MemoirConfig:
         _check_number("threshold", self.threshold, low=0.0, high=1.0)
         if self.aggregation not in AGGREGATIONS:
             raise MemoirConfigError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
-        _check_int("seed", self.seed, low=0)
-        _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
-        _check_number("weight_decay", self.weight_decay, low=0.0)
+        _check_int("seed", self.seed, low=0, high=MAX_SEED)
+        _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True, finite=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0, finite=True)
         _check_number("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         _check_int("max_steps", self.max_steps, low=1)
         _check_number("stop_loss", self.stop_loss, low=0.0)
@@ -131,14 +134,17 @@ class MemoirConfig:
             raise MemoirConfigError(f"keep_edit_deltas must be True or False, got {self.keep_edit_deltas!r}.")
         if self.edit_autocast not in AUTOCAST_DTYPES:
             raise MemoirConfigError(f"edit_autocast must be one of {AUTOCAST_DTYPES}, got {self.edit_autocast!r}.")
-        if not all(isinstance(s, str) and s for s in self.prefix_starts):
-            raise MemoirConfigError("prefix_starts must be non-empty strings (use () to turn prefix augmentation off).")
+        if not all(isinstance(s, str) and s and _is_unicode(s) for s in self.prefix_starts):
+            raise MemoirConfigError("prefix_starts must be non-empty strings of valid Unicode (use () to turn prefix "
+                                    "augmentation off).")
         for n in self.prefix_lengths:
             _check_int("each of prefix_lengths", n, low=1)
         if self.background_prompts is not None and (
-            not self.background_prompts or not all(isinstance(p, str) and p.strip() for p in self.background_prompts)
+            not self.background_prompts
+            or not all(isinstance(p, str) and p.strip() and _is_unicode(p) for p in self.background_prompts)
         ):
-            raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings, or None.")
+            raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings of valid "
+                                    "Unicode, or None.")
 
     def resolve_top_k(self, d_ff: int) -> int:
         """The number of active columns for a layer of width d_ff."""
@@ -165,17 +171,37 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, *, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise MemoirConfigError(f"{name} must be an int >= {low}, got {value!r}.")
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (a lone surrogate does not, and no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+def _as_float(value: int | float) -> float | None:
+    """The value as a float (what the optimiser computes with), None for an int too large for one."""
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise MemoirConfigError(f"{name} must be an int {bounds}, got {value!r}.")
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False,
+                  finite: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
     ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+    ok = ok and _as_float(value) is not None and (not finite or math.isfinite(value))
     if not ok:
         bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise MemoirConfigError(f"{name} must be a number {bounds}, got {value!r}.")
+        raise MemoirConfigError(f"{name} must be a {'finite ' if finite else ''}number {bounds}, got {value!r}.")
 
 
 def _check_layer(layer: Any) -> None:

@@ -28,6 +28,7 @@ from .editing.inputs import (
     encode_fact,
     fact_from_record,
     record_position,
+    valid_unicode,
 )
 from .editing.prefix_cache import reuse_frozen_prefix
 from .editing.prefixes import generate_prefixes, with_prefix
@@ -191,11 +192,9 @@ class MemoirModel(nn.Module):
         if len(self.store):
             raise MemoirError("the background can only be recomputed before the first edit: the stored masks "
                               "were computed with the current one.")
-        if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise MemoirError("compute_background needs a non-empty list of non-empty strings.")
+        texts = _text_list(texts, "compute_background needs a non-empty list of non-empty strings")
         with self._inference_mode():
-            compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash,
-                               list(texts))
+            compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash, texts)
 
     # -- editing ----------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, metadata: dict[str, Any] | None = None) -> EditResult:
@@ -211,6 +210,9 @@ class MemoirModel(nn.Module):
         self._check_patched()
         if isinstance(records, (str, os.PathLike)):
             records = read_facts(records)
+        elif not isinstance(records, Iterable):
+            raise EditInputError(f"edit_many needs a list of facts or the path of a fact file, got "
+                                 f"{type(records).__name__}.")
         facts = [fact_from_record(record, i) for i, record in enumerate(records)]
         encoded = [self._encode(fact, where=record_position(i)) for i, fact in enumerate(facts)]
         results = []
@@ -296,6 +298,8 @@ class MemoirModel(nn.Module):
         can only be withdrawn from routing: pass ``routing_only=True``.
         """
         self._check_patched()
+        if not isinstance(routing_only, bool):
+            raise MemoirError(f"routing_only must be True or False, got {routing_only!r}.")
         self.store.position_of(edit_id)
         if not routing_only and edit_id not in self.store.deltas:
             raise MemoirError(f"edit {edit_id} was written without keep_edit_deltas, so its part of W_m is unknown; "
@@ -406,12 +410,22 @@ class MemoirModel(nn.Module):
             raise MemoirError("calibrate_threshold needs stored edits: edit first, then calibrate.")
         if isinstance(unrelated_texts, str):
             raise MemoirError("unrelated_texts must be a list of strings, not one string.")
-        texts = list(unrelated_texts) if unrelated_texts is not None else default_background_prompts()
-        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise MemoirError("unrelated_texts must be a non-empty list of non-empty strings.")
+        if isinstance(max_edits, bool) or not isinstance(max_edits, int) or max_edits < 1:
+            raise MemoirError(f"max_edits must be a positive int, got {max_edits!r}.")
+        for name, quantile in (("negative_quantile", negative_quantile), ("positive_quantile", positive_quantile)):
+            if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
+                raise MemoirError(f"{name} must be a number in [0, 1], got {quantile!r}.")
+        texts = (_text_list(unrelated_texts, "unrelated_texts must be a non-empty list of non-empty strings")
+                 if unrelated_texts is not None else default_background_prompts())
         tokenizer = self._require_tokenizer()
+        rows = [tokenizer(t)["input_ids"] for t in texts]
+        limit = self._context_length
+        too_long = [i for i, row in enumerate(rows) if limit is not None and len(row) > limit]
+        if too_long:
+            raise EditInputError(f"unrelated_texts[{too_long[0]}] is {len(rows[too_long[0]])} tokens, longer than "
+                                 f"the model's context of {limit}; shorten it.")
         with self._inference_mode():
-            _, negatives = self.store.nearest(self._fingerprints([tokenizer(t)["input_ids"] for t in texts]))
+            _, negatives = self.store.nearest(self._fingerprints(rows))
             positives = self._prefixed_overlaps(self.store.records[:max_edits])
         calibration = choose_threshold(negatives, positives, negative_q=negative_quantile, positive_q=positive_quantile)
         self.memoir_config.threshold = calibration.threshold
@@ -423,6 +437,9 @@ class MemoirModel(nn.Module):
         tokenizer = self._require_tokenizer()
         contexts = self.prefixes or [""]
         rows = [tokenizer(with_prefix(p, r.prompt) if p else r.prompt)["input_ids"] for r in records for p in contexts]
+        limit = self._context_length
+        if limit is not None:  # a long prompt behind a prefix may not fit the context: keep its end, the prompt
+            rows = [row[-limit:] for row in rows]
         queries = self._fingerprints(rows).cpu().numpy().reshape(len(records), len(contexts), -1)
         own = np.stack([self.store.index.mask(position) for position in range(len(records))])
         return ((queries & own[:, None, :]).sum(-1) / self.target.top_k).ravel()
@@ -570,6 +587,18 @@ def _fingerprint_of(model: nn.Module, target: PatchTarget, layer: MemoirLayer | 
     down_proj = layer.base_layer if layer is not None else model.get_submodule(target.module_name)
     with loaded_weight(down_proj) as weight:
         return base_fingerprint(model, target, weight, conv1d=isinstance(down_proj, Conv1D))
+
+
+def _text_list(texts: Any, refusal: str) -> list[str]:
+    """``texts`` as a list of non-empty strings of valid Unicode, else MemoirError starting with ``refusal``."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise MemoirError(f"{refusal}, got {type(texts).__name__}.")
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise MemoirError(f"{refusal}.")
+    if not all(valid_unicode(t) for t in texts):
+        raise MemoirError(f"{refusal}; one is not valid Unicode text (it holds a lone surrogate).")
+    return texts
 
 
 def _finite_in(values: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -23,12 +23,14 @@ def read_facts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.suffix.lower() not in FACT_SUFFIXES:
         raise EditInputError(f"{path}: facts are read from .jsonl or .csv files, not {path.suffix or 'no suffix'!r}.")
-    if not path.is_file():
-        raise EditInputError(f"{path} does not exist.")
     try:
+        if not path.is_file():
+            raise EditInputError(f"{path} does not exist.")
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise EditInputError(f"{path} is not UTF-8 text: {error}") from None
+    except OSError as error:  # a name too long, no permission, ...
+        raise EditInputError(f"cannot read facts from {path}: {error}") from None
     rows = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(text, path)
     records = [_record(row, f"{path.name} line {line}: ") for line, row in rows]
     if not records:

@@ -9,6 +9,9 @@ from typing import Any
 
 from ..errors import EditInputError
 
+MERGED_KEY = "merged_edit_ids"
+"""Metadata key of a kept edit listing the duplicates consolidate() merged into it."""
+
 
 @dataclass(frozen=True)
 class Fact:
@@ -36,22 +39,26 @@ def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "
             raise EditInputError(f"{where}{name} must be a string, got {type(value).__name__}.")
         if not value.strip():
             raise EditInputError(f"{where}{name} is empty; pass a non-empty string.")
-        if not _utf8(value):
+        if not valid_unicode(value):
             raise EditInputError(f"{where}{name} is not valid Unicode text (it holds a lone surrogate).")
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, Mapping):
         raise EditInputError(f"{where}metadata must be a dict, got {type(metadata).__name__}.")
     try:
         stored = json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise EditInputError(f"{where}metadata must be JSON-serialisable: {error}.") from None
-    if stored != metadata or not _utf8(json.dumps(stored, ensure_ascii=False)):
+    if stored != metadata or not valid_unicode(json.dumps(stored, ensure_ascii=False)):
         raise EditInputError(f"{where}metadata must be plain JSON data (string keys, lists rather than tuples, "
                              "valid Unicode): it would not save and read back as given.")
+    merged = stored.get(MERGED_KEY, [])
+    if not isinstance(merged, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in merged):
+        raise EditInputError(f"{where}metadata[{MERGED_KEY!r}] is where consolidate() lists merged edit ids: it must "
+                             f"be a list of ints, got {merged!r:.60}.")
     return Fact(prompt, target, stored)
 
 
-def _utf8(text: str) -> bool:
+def valid_unicode(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..generation import greedy_new_tokens
+from .inputs import context_length
 
 
 def generate_prefixes(model: nn.Module, tokenizer, starts: Sequence[str], lengths: Sequence[int]) -> list[str]:
@@ -14,9 +15,14 @@ def generate_prefixes(model: nn.Module, tokenizer, starts: Sequence[str], length
     if not starts or not lengths:
         return []
     device = next(model.parameters()).device
+    limit = context_length(getattr(model, "config", None))
     prefixes = []
     for start in starts:
-        new_tokens = greedy_new_tokens(model, tokenizer, tokenizer(start)["input_ids"], max(lengths), device)
+        start_ids = tokenizer(start)["input_ids"]
+        # Never past the model's context: such a prefix could not be used, and generating it would crash
+        # models with learned positions (or run for ever with a huge prefix length).
+        budget = max(lengths) if limit is None else min(max(lengths), limit - len(start_ids))
+        new_tokens = greedy_new_tokens(model, tokenizer, start_ids, budget, device) if budget > 0 else []
         for length in lengths:
             continuation = tokenizer.decode(new_tokens[:length], skip_special_tokens=True)
             prefixes.append(" ".join(f"{start}{continuation}".split()))

@@ -71,11 +71,14 @@ def _autocast(config: MemoirConfig, device: torch.device) -> AbstractContextMana
 
 
 def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> None:
+    # As floats: torch refuses Python ints beyond int64 (a valid config may hold learning_rate=2**70).
+    max_norm, learning_rate, weight_decay = map(float, (config.max_grad_norm, config.learning_rate,
+                                                        config.weight_decay))
     with torch.no_grad():
         norm = grad.norm()
-        if norm > config.max_grad_norm:
-            grad = grad * (config.max_grad_norm / (norm + 1e-6))
-        delta -= config.learning_rate * (grad + config.weight_decay * delta)
+        if norm > max_norm:
+            grad = grad * (max_norm / (norm + 1e-6))
+        delta -= learning_rate * (grad + weight_decay * delta)
 
 
 def target_loss(model: nn.Module, batch: EditBatch, *, all_positions: bool = False) -> torch.Tensor:

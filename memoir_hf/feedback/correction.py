@@ -87,6 +87,9 @@ def correct_one(memoir: MemoirModel, fact: Fact, accept: Accept | None) -> Corre
 
 def correct_many(memoir: MemoirModel, items: Iterable[Any] | str | os.PathLike, accept: Accept | None, *,
                  progress: bool) -> CorrectionReport:
+    if not isinstance(items, (str, os.PathLike, Iterable)):
+        raise EditInputError(f"correct_many needs a list of facts or the path of a fact file, got "
+                             f"{type(items).__name__}.")
     records = read_facts(items) if isinstance(items, (str, os.PathLike)) else list(items)
     facts = [fact_from_record(_with_target(record, record_position(i)), i) for i, record in enumerate(records)]
     for i, fact in enumerate(facts):  # every fact is checked before the first is edited

@@ -14,13 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..editing.inputs import MERGED_KEY
 from ..errors import MemoirError
 from ..feedback.answers import normalize_answer
 from ..index.mask_index import MaskIndex, unpack_masks
 from ..memory.store import EditStore
-
-MERGED_KEY = "merged_edit_ids"
-"""Metadata key of a kept edit listing the duplicates merged into it."""
 
 
 @dataclass
@@ -95,6 +93,9 @@ def consolidate(store: EditStore, min_overlap: float, *, merge_duplicates: bool,
                 resolve_conflicts: bool) -> ConsolidationReport:
     """Group overlapping edits; merge duplicates (and, if asked, conflicts) into the newest of each group."""
     check_min_overlap(min_overlap)
+    for name, flag in (("merge_duplicates", merge_duplicates), ("resolve_conflicts", resolve_conflicts)):
+        if not isinstance(flag, bool):
+            raise MemoirError(f"{name} must be True or False, got {flag!r}.")
     groups = []
     for positions in connected_groups(overlapping_pairs(store.index, min_overlap)):
         records = [store.records[p] for p in positions]
