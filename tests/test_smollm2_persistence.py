@@ -59,8 +59,8 @@ def test_edits_survive_save_and_load_in_a_new_process(smollm2, zsre_records, tmp
         memoir.unpatch()
     assert sum(r >= 0 for r in routing[:N_EDITS]) == N_EDITS
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
-        "memoir_config.json", "memoir_edits.jsonl", "memoir_index.faiss", "memoir_masks.safetensors",
-        "memoir_memory.safetensors"]
+        "memoir_config.json", "memoir_deltas.safetensors", "memoir_edits.jsonl", "memoir_index.faiss",
+        "memoir_masks.safetensors", "memoir_memory.safetensors"]
     assert getattr(model, "hf_quantizer", None) is not None, "saving the base must leave its GGUF state in place"
 
     prompts_file, out_file = tmp_path / "prompts.json", tmp_path / "out.safetensors"
