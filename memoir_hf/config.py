@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .editing.inputs import valid_unicode
 from .errors import MemoirConfigError
 
 AGGREGATIONS = ("mean_minus_background", "mean", "last")
@@ -134,14 +135,14 @@ class MemoirConfig:
             raise MemoirConfigError(f"keep_edit_deltas must be True or False, got {self.keep_edit_deltas!r}.")
         if self.edit_autocast not in AUTOCAST_DTYPES:
             raise MemoirConfigError(f"edit_autocast must be one of {AUTOCAST_DTYPES}, got {self.edit_autocast!r}.")
-        if not all(isinstance(s, str) and s and _is_unicode(s) for s in self.prefix_starts):
+        if not all(isinstance(s, str) and s and valid_unicode(s) for s in self.prefix_starts):
             raise MemoirConfigError("prefix_starts must be non-empty strings of valid Unicode (use () to turn prefix "
                                     "augmentation off).")
         for n in self.prefix_lengths:
             _check_int("each of prefix_lengths", n, low=1)
         if self.background_prompts is not None and (
             not self.background_prompts
-            or not all(isinstance(p, str) and p.strip() and _is_unicode(p) for p in self.background_prompts)
+            or not all(isinstance(p, str) and p.strip() and valid_unicode(p) for p in self.background_prompts)
         ):
             raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings of valid "
                                     "Unicode, or None.")
@@ -169,15 +170,6 @@ def _jsonable(value: Any) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_unicode(text: str) -> bool:
-    """Whether ``text`` encodes to UTF-8 (a lone surrogate does not, and no tokenizer takes it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _as_float(value: int | float) -> float | None:

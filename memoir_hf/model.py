@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from ._version import __version__
 from .concurrency import SharedExclusiveLock, exclusive, shared
 from .config import MemoirConfig
-from .editing.fact_files import read_facts
+from .editing.fact_files import fact_records
 from .editing.inputs import (
     EncodedFact,
     Fact,
@@ -208,12 +208,7 @@ class MemoirModel(nn.Module):
         pairs, or a JSONL/CSV file of them (see :func:`memoir_hf.read_facts`). Every record is
         checked before the first is written."""
         self._check_patched()
-        if isinstance(records, (str, os.PathLike)):
-            records = read_facts(records)
-        elif not isinstance(records, Iterable):
-            raise EditInputError(f"edit_many needs a list of facts or the path of a fact file, got "
-                                 f"{type(records).__name__}.")
-        facts = [fact_from_record(record, i) for i, record in enumerate(records)]
+        facts = [fact_from_record(record, i) for i, record in enumerate(fact_records(records, "edit_many"))]
         encoded = [self._encode(fact, where=record_position(i)) for i, fact in enumerate(facts)]
         results = []
         bar = tqdm(zip(facts, encoded, strict=True), total=len(facts), desc="memoir edits", unit="edit",
@@ -243,7 +238,8 @@ class MemoirModel(nn.Module):
         """
         self._check_patched()
         check_accept(accept)
-        return correct_one(self, check_fact(prompt, answer, metadata), accept)
+        fact = check_fact(prompt, answer, metadata)
+        return correct_one(self, fact, self._encode(fact), accept)
 
     def correct_many(self, items: Iterable[Any] | str | os.PathLike, *, accept: Accept | None = None,
                      progress: bool = True) -> CorrectionReport:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,15 @@ def read_facts(path: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise EditInputError(f"{path} holds no facts; each row needs a prompt and a target.")
     return records
+
+
+def fact_records(items: Any, caller: str) -> list[Any]:
+    """The records of a fact file (a path), or the items of an iterable; EditInputError for anything else."""
+    if isinstance(items, (str, os.PathLike)):
+        return read_facts(items)
+    if not isinstance(items, Iterable):
+        raise EditInputError(f"{caller} needs a list of facts or the path of a fact file, got {type(items).__name__}.")
+    return list(items)
 
 
 def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:

@@ -59,6 +59,7 @@ def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "
 
 
 def valid_unicode(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (a lone surrogate does not, and no tokenizer takes it)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

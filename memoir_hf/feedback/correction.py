@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..editing.fact_files import read_facts
-from ..editing.inputs import Fact, fact_from_record, record_position
+from ..editing.fact_files import fact_records
+from ..editing.inputs import EncodedFact, Fact, fact_from_record, record_position
 from ..editing.result import EditResult
 from ..errors import EditInputError, MemoirError
 from .answers import answers_match
@@ -76,8 +76,7 @@ class CorrectionReport:
                 f"{self.failed} failed")
 
 
-def correct_one(memoir: MemoirModel, fact: Fact, accept: Accept | None) -> Correction:
-    encoded = memoir._encode(fact)
+def correct_one(memoir: MemoirModel, fact: Fact, encoded: EncodedFact, accept: Accept | None) -> Correction:
     model_answer = memoir._greedy_answer(encoded.prompt_ids, len(encoded.target_ids) + EXTRA_ANSWER_TOKENS)
     if _accepted(accept, model_answer, fact.target):
         return Correction(fact.prompt, fact.target, model_answer, ALREADY_CORRECT)
@@ -87,17 +86,15 @@ def correct_one(memoir: MemoirModel, fact: Fact, accept: Accept | None) -> Corre
 
 def correct_many(memoir: MemoirModel, items: Iterable[Any] | str | os.PathLike, accept: Accept | None, *,
                  progress: bool) -> CorrectionReport:
-    if not isinstance(items, (str, os.PathLike, Iterable)):
-        raise EditInputError(f"correct_many needs a list of facts or the path of a fact file, got "
-                             f"{type(items).__name__}.")
-    records = read_facts(items) if isinstance(items, (str, os.PathLike)) else list(items)
+    records = fact_records(items, "correct_many")
     facts = [fact_from_record(_with_target(record, record_position(i)), i) for i, record in enumerate(records)]
-    for i, fact in enumerate(facts):  # every fact is checked before the first is edited
-        memoir._encode(fact, where=record_position(i))
+    # Every fact is checked (and tokenized) before the first is edited.
+    encoded = [memoir._encode(fact, where=record_position(i)) for i, fact in enumerate(facts)]
     report = CorrectionReport()
-    bar = tqdm(facts, desc="memoir corrections", unit="fact", disable=not progress)
-    for fact in bar:
-        report.corrections.append(correct_one(memoir, fact, accept))
+    bar = tqdm(zip(facts, encoded, strict=True), total=len(facts), desc="memoir corrections", unit="fact",
+               disable=not progress)
+    for fact, fact_ids in bar:
+        report.corrections.append(correct_one(memoir, fact, fact_ids, accept))
         bar.set_postfix(edited=report.edited, correct=report.already_correct)
     return report
 
