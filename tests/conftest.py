@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json  # noqa: E402
+import threading
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,3 +53,22 @@ def smollm2():
     from memoir_hf.offline_models import load_builtin
 
     return load_builtin("smollm2")
+
+
+def run_threads(targets, timeout: float = 120) -> list[BaseException]:
+    """Run each callable in its own thread; the exceptions they raised (a hung thread fails the test)."""
+    errors: list[BaseException] = []
+
+    def guarded(target):
+        try:
+            target()
+        except BaseException as error:  # noqa: BLE001 - collected and asserted on
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    return errors

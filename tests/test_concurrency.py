@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, run_threads
 from tiny_models import make_byte_tokenizer, make_tiny_model
 
 import memoir_hf
@@ -29,24 +29,6 @@ def greedy(memoir, prompt: str) -> tuple[tuple[int, ...], int | None]:
         out = memoir.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                               pad_token_id=0)
     return tuple(out[0, ids.shape[1]:].tolist()), memoir.routing[0].edit_id
-
-
-def run_threads(targets) -> list[BaseException]:
-    errors: list[BaseException] = []
-
-    def guarded(target):
-        try:
-            target()
-        except BaseException as error:  # noqa: BLE001 - collected and asserted on
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung"
-    return errors
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, run_threads
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -895,22 +895,13 @@ class SlowWrites:
 
 
 def _save_at_once(memoirs: list[MemoirModel], folder: Path) -> list[BaseException]:
-    barrier, errors = threading.Barrier(len(memoirs)), []
+    barrier = threading.Barrier(len(memoirs))
 
     def save(memoir: MemoirModel) -> None:
-        try:
-            barrier.wait()
-            memoir.save_pretrained(folder)
-        except BaseException as error:  # reported by the test
-            errors.append(error)
+        barrier.wait()
+        memoir.save_pretrained(folder)
 
-    threads = [threading.Thread(target=save, args=(m,)) for m in memoirs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
-    return errors
+    return run_threads([lambda m=m: save(m) for m in memoirs], timeout=60)
 
 
 def _assert_loads_as(folder: Path, memoir: MemoirModel) -> None:
