@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ._version import __version__
-from .concurrency import SharedExclusiveLock, exclusive, shared
+from .concurrency import SharedEvalMode, SharedExclusiveLock, exclusive, shared
 from .config import MemoirConfig
 from .editing.fact_files import fact_records
 from .editing.inputs import (
@@ -89,6 +89,7 @@ class MemoirModel(nn.Module):
 
         config.lock_structure()
         self._memory_lock = SharedExclusiveLock()
+        self._eval_mode = SharedEvalMode()
         self.base_model = model
         self._memoir_config = config
         self.target = target
@@ -450,11 +451,10 @@ class MemoirModel(nn.Module):
         if self.edit_path == "naive":
             return nullcontext()
         target = self.target
-        mlp_name = target.parent_name
-        mlp = None if mlp_name == target.decoder_layer_name else self.base_model.get_submodule(mlp_name)
+        mlp_name = target.parent_name.removeprefix(target.decoder_layer_name).lstrip(".") or None
         layers = self.base_model.get_submodule(target.layers_path)
-        return reuse_frozen_prefix(self.base_model, layers, target.layer_index, mlp, self._layer,
-                                   batch.input_ids, batch.attention_mask)
+        return reuse_frozen_prefix(self.base_model, layers, target.layer_index, mlp_name, self._layer,
+                                   batch.input_ids, batch.attention_mask, len(batch.target_ids))
 
     def _ensure_prefixes(self) -> None:
         if self.prefixes is None:
@@ -477,12 +477,8 @@ class MemoirModel(nn.Module):
     @contextmanager
     def _inference_mode(self) -> Iterator[None]:
         """Dropout off while the library runs the model itself; the caller's mode is restored."""
-        was_training = self.base_model.training
-        self.base_model.eval()
-        try:
+        with self._eval_mode(self.base_model):
             yield
-        finally:
-            self.base_model.train(was_training)
 
     # -- saving and loading -------------------------------------------------------------------
     @exclusive

@@ -54,3 +54,18 @@ def test_bf16_autocast_edits_succeed_and_keep_the_memory_in_float32(byte_tokeniz
 def test_unknown_autocast_dtype_is_refused(value):
     with pytest.raises(memoir_hf.MemoirConfigError, match="edit_autocast"):
         memoir_hf.MemoirConfig(edit_autocast=value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_path_with_layers_above_the_memory_writes_the_same_memory(family, byte_tokenizer):
+    """Layer 0 of 2: the top layer's MLP runs at the target positions only on the cached path."""
+    def edited(reuse: bool) -> tuple[torch.Tensor, list[int]]:
+        memoir = memoir_hf.patch(make_tiny_model(family), fast_config(max_steps=6, layer=0), tokenizer=byte_tokenizer)
+        memoir.edit_path = "cached" if reuse else "naive"
+        results = [memoir.edit("The cat sat on the", "mat"), memoir.edit("Bob likes to eat", "figs")]
+        return memoir.layer.memory_weight.detach().clone(), [r.steps for r in results]
+
+    (cached, cached_steps), (full, full_steps) = edited(True), edited(False)
+    assert cached.abs().sum() > 0
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+    assert cached_steps == full_steps

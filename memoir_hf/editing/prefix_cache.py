@@ -5,7 +5,8 @@ Everything below the edited down projection is frozen, and so is the down projec
 replaced by stubs that return their recorded outputs; so is the edited layer's attention, and the
 edited layer's MLP returns ``memory(a)`` from the recorded a. Each step still goes through the
 model's own forward (its masks, rotary embeddings, final norm, soft-capping and head), but computes
-only the memory, the rest of the edited layer, and the layers above it.
+only the memory, the rest of the edited layer, and the layers above it. In the top decoder layer
+the MLP runs at the target positions only: its output elsewhere feeds no logit the loss reads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..fingerprint.activations import capture_down_proj_inputs
@@ -22,12 +24,14 @@ from ..memory.layer import MemoirLayer
 
 
 @contextmanager
-def reuse_frozen_prefix(model: nn.Module, layers: nn.ModuleList, layer_index: int, mlp: nn.Module | None,
-                        memory: MemoirLayer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
+def reuse_frozen_prefix(model: nn.Module, layers: nn.ModuleList, layer_index: int, mlp_name: str | None,
+                        memory: MemoirLayer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        n_target: int) -> Iterator[None]:
     """Within this block, forward calls on exactly this batch reuse the frozen prefix.
 
-    ``mlp`` is the module whose output is the down projection's output (None when the down
-    projection sits directly in the decoder layer, as in OPT: then the edited layer's MLP runs).
+    ``mlp_name`` names, within a decoder layer, the module whose output is the down projection's
+    output (None when the down projection sits directly in the decoder layer, as in OPT: then the
+    edited layer's MLP runs). The batch's last ``n_target`` tokens are the target.
     """
     frozen = [layers[i] for i in range(layer_index)] + _attention_of(layers[layer_index])
     outputs: dict[nn.Module, Any] = {}
@@ -38,8 +42,12 @@ def reuse_frozen_prefix(model: nn.Module, layers: nn.ModuleList, layer_index: in
         for hook in hooks:
             hook.remove()
     stubs: dict[nn.Module, Callable[..., Any]] = {module: _returning(output) for module, output in outputs.items()}
-    if mlp is not None:
-        stubs[mlp] = _returning_memory(memory, activations)
+    if mlp_name is not None:
+        stubs[layers[layer_index].get_submodule(mlp_name)] = _returning_memory(memory, activations)
+        if layer_index < len(layers) - 1:
+            top_mlp = layers[-1].get_submodule(mlp_name)
+            length = input_ids.shape[1]
+            stubs[top_mlp] = _at_positions_only(top_mlp.forward, length - n_target - 1, length - 1)
     with _replaced_forwards(stubs):
         yield
 
@@ -73,6 +81,18 @@ def _returning_memory(memory: MemoirLayer, activations: torch.Tensor) -> Callabl
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         return memory(activations)
     return forward
+
+
+def _at_positions_only(forward: Callable[..., Any], start: int, stop: int) -> Callable[..., Any]:
+    """An MLP forward computed on positions [start, stop) only, with zeros elsewhere (left padding keeps
+    the target positions the same in every row). An MLP that returns more than a tensor (a registered
+    mixture of experts, say) runs in full."""
+    def at_positions(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        output = forward(hidden_states[:, start:stop].contiguous(), *args, **kwargs)
+        if not isinstance(output, torch.Tensor):
+            return forward(hidden_states, *args, **kwargs)
+        return F.pad(output, (0, 0, start, hidden_states.shape[1] - stop))
+    return at_positions
 
 
 @contextmanager
