@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from torch import nn
+
 from .errors import MemoirError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,6 +90,41 @@ class SharedExclusiveLock:
                 with self._condition:
                     self._writer = None
                     self._condition.notify_all()
+
+
+class SharedEvalMode:
+    """``module.eval()`` while any thread runs it through the library; the caller's mode returns after the last.
+
+    If each call switched to eval and back on its own, one thread's restore would turn dropout back
+    on under another thread's call still running.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._was_training = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy of a model starts with no call in flight."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    @contextmanager
+    def __call__(self, module: nn.Module) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._was_training = module.training
+                module.eval()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    module.train(self._was_training)
 
 
 def exclusive(method: F) -> F:

@@ -184,3 +184,16 @@ def test_lock_is_reentrant_and_refuses_upgrades():
         pass
     with lock.exclusive():  # nothing was left held
         pass
+
+
+def test_overlapping_calls_keep_dropout_off_until_the_last_one_ends():
+    """Two threads' calls end out of order: the model must stay in eval until the last, then train again."""
+    memoir = make_memoir()
+    memoir.base_model.train()
+    first, second = memoir._inference_mode(), memoir._inference_mode()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not memoir.base_model.training
+    second.__exit__(None, None, None)
+    assert memoir.base_model.training

@@ -396,6 +396,15 @@ def test_edit_many_reads_a_fact_file_and_checks_it_whole(tmp_path):
     assert_unchanged(memoir, before)
 
 
+@pytest.mark.parametrize("method", ["edit_many", "correct_many"])
+def test_a_single_fact_dict_is_refused_with_how_to_wrap_it(method):
+    memoir = make_memoir()
+    before = snapshot(memoir)
+    with pytest.raises(EditInputError, match=rf"single dict; wrap it in a list: {method}\(\[fact\]\)"):
+        getattr(memoir, method)({"prompt": CAT[0], "target": CAT[1]}, progress=False)
+    assert_unchanged(memoir, before)
+
+
 def test_an_unpatched_model_refuses_the_management_calls():
     memoir = make_memoir()
     memoir.edit(*CAT)

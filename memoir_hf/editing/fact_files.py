@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ def fact_records(items: Any, caller: str) -> list[Any]:
     """The records of a fact file (a path), or the items of an iterable; EditInputError for anything else."""
     if isinstance(items, (str, os.PathLike)):
         return read_facts(items)
+    if isinstance(items, Mapping):
+        raise EditInputError(f"{caller} takes a list of facts, got a single {type(items).__name__}; "
+                             f"wrap it in a list: {caller}([fact]).")
     if not isinstance(items, Iterable):
         raise EditInputError(f"{caller} needs a list of facts or the path of a fact file, got {type(items).__name__}.")
     return list(items)
