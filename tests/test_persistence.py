@@ -701,7 +701,17 @@ CORRUPTIONS = {
         ["line 3"]),
     "edits ids disagree": (rewrite_edits(renumber), EDITS_FILE, [MASKS_FILE]),
     "edits line dropped": (rewrite_edits(lambda lines: lines[:2]), EDITS_FILE, [MASKS_FILE]),
+    "merged ids not ints": (rewrite_edits(lambda lines: [lines[0], with_metadata(lines[1], merged_edit_ids="0"),
+                                                         *lines[2:]]), EDITS_FILE, ["line 2", "merged_edit_ids"]),
+    "metadata not an object": (rewrite_edits(lambda lines: [*lines[:2], with_metadata(lines[2], None)]), EDITS_FILE,
+                               ["line 3", "metadata"]),
 }
+
+
+def with_metadata(line: str, metadata=..., **entries) -> str:
+    record = json.loads(line)
+    record["metadata"] = {**record["metadata"], **entries} if metadata is ... else metadata
+    return json.dumps(record)
 
 
 def _drop_key(folder: Path, key: str) -> None:

@@ -51,11 +51,16 @@ def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "
     if stored != metadata or not valid_unicode(json.dumps(stored, ensure_ascii=False)):
         raise EditInputError(f"{where}metadata must be plain JSON data (string keys, lists rather than tuples, "
                              "valid Unicode): it would not save and read back as given.")
-    merged = stored.get(MERGED_KEY, [])
-    if not isinstance(merged, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in merged):
+    if not valid_merged_ids(stored):
         raise EditInputError(f"{where}metadata[{MERGED_KEY!r}] is where consolidate() lists merged edit ids: it must "
-                             f"be a list of ints, got {merged!r:.60}.")
+                             f"be a list of ints, got {stored[MERGED_KEY]!r:.60}.")
     return Fact(prompt, target, stored)
+
+
+def valid_merged_ids(metadata: Mapping[str, Any]) -> bool:
+    """Whether ``metadata`` has no ``merged_edit_ids`` or a list of ints there (what consolidate() writes)."""
+    merged = metadata.get(MERGED_KEY, [])
+    return isinstance(merged, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in merged)
 
 
 def valid_unicode(text: str) -> bool:

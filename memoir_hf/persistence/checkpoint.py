@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import MemoirConfig
+from ..editing.inputs import MERGED_KEY, valid_merged_ids
 from ..errors import MemoirError
 from ..memory.store import EditDelta, EditRecord, EditStore
 
@@ -230,6 +231,9 @@ def _read_edits(path: Path) -> list[EditRecord]:
 def _record(values: Any, where: str) -> EditRecord:
     if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
         raise CheckpointError(f"{where} must hold exactly {sorted(_RECORD_FIELDS)}.")
+    if not isinstance(values["metadata"], dict) or not valid_merged_ids(values["metadata"]):
+        raise CheckpointError(f"{where}: metadata must be a JSON object whose {MERGED_KEY!r}, if present, is a list "
+                              "of edit ids (ints); the file was edited by hand or is corrupt.")
     return EditRecord(**values)
 
 
