@@ -24,6 +24,7 @@ from .editing.inputs import (
     EncodedFact,
     Fact,
     check_fact,
+    check_text,
     context_length,
     encode_fact,
     fact_from_record,
@@ -256,7 +257,7 @@ class MemoirModel(nn.Module):
     def ask(self, prompt: str, *, max_new_tokens: int = 32) -> Answer:
         """The model's greedy continuation of ``prompt`` through the memory, and the edit it read."""
         self._check_patched()
-        check_fact(prompt, "-")
+        check_text(prompt, "prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MemoirError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
         prompt_ids = self._require_tokenizer()(prompt)["input_ids"]

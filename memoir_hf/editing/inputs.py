@@ -34,13 +34,8 @@ class EncodedFact:
 
 def check_fact(prompt: Any, target: Any, metadata: Any = None, *, where: str = "") -> Fact:
     """A Fact, or EditInputError naming the field that is wrong (and ``where``, e.g. a record index)."""
-    for name, value in (("prompt", prompt), ("target", target)):
-        if not isinstance(value, str):
-            raise EditInputError(f"{where}{name} must be a string, got {type(value).__name__}.")
-        if not value.strip():
-            raise EditInputError(f"{where}{name} is empty; pass a non-empty string.")
-        if not valid_unicode(value):
-            raise EditInputError(f"{where}{name} is not valid Unicode text (it holds a lone surrogate).")
+    check_text(prompt, "prompt", where)
+    check_text(target, "target", where)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, Mapping):
         raise EditInputError(f"{where}metadata must be a dict, got {type(metadata).__name__}.")
@@ -61,6 +56,16 @@ def valid_merged_ids(metadata: Mapping[str, Any]) -> bool:
     """Whether ``metadata`` has no ``merged_edit_ids`` or a list of ints there (what consolidate() writes)."""
     merged = metadata.get(MERGED_KEY, [])
     return isinstance(merged, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in merged)
+
+
+def check_text(value: Any, name: str, where: str = "") -> None:
+    """EditInputError unless ``value`` is a non-blank string of valid Unicode."""
+    if not isinstance(value, str):
+        raise EditInputError(f"{where}{name} must be a string, got {type(value).__name__}.")
+    if not value.strip():
+        raise EditInputError(f"{where}{name} is empty; pass a non-empty string.")
+    if not valid_unicode(value):
+        raise EditInputError(f"{where}{name} is not valid Unicode text (it holds a lone surrogate).")
 
 
 def valid_unicode(text: str) -> bool:
