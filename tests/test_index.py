@@ -395,3 +395,60 @@ def test_remove_from_an_adopted_ivf_index_answers_like_the_exact_search(monkeypa
     assert positions[0] == 9  # stored[10], now at 9: its newer copy was removed
     np.testing.assert_array_equal(positions, expected_positions)
     np.testing.assert_allclose(overlaps, expected_overlaps)
+
+
+class FakeGpuIndexBinaryFlat:
+    """Stands in for faiss-gpu's GpuIndexBinaryFlat (no GPU here): built from a CPU index, whose masks it copies."""
+
+    built = 0
+
+    def __init__(self, resources, cpu_index):
+        import faiss
+
+        assert isinstance(resources, FakeGpuResources)
+        FakeGpuIndexBinaryFlat.built += 1
+        self.d = cpu_index.d
+        self._inner = faiss.IndexBinaryFlat(cpu_index.d)
+        if cpu_index.ntotal:
+            self._inner.add(faiss.vector_to_array(cpu_index.xb).reshape(cpu_index.ntotal, -1))
+
+    @property
+    def ntotal(self) -> int:
+        return self._inner.ntotal
+
+    def add(self, codes):
+        self._inner.add(codes)
+
+    def search(self, codes, k):
+        return self._inner.search(codes, k)
+
+
+class FakeGpuResources:
+    pass
+
+
+def test_with_a_gpu_the_index_searches_there_and_saves_a_cpu_index(monkeypatch, tmp_path):
+    faiss = pytest.importorskip("faiss")
+    import memoir_hf.index.mask_index as mask_index
+
+    monkeypatch.setattr(faiss, "GpuIndexBinaryFlat", FakeGpuIndexBinaryFlat, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", FakeGpuResources, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(FakeGpuIndexBinaryFlat, "built", 0)
+    stored, queries = random_case(128, 16)
+    index = filled_index(stored, 128, 16, use_faiss=True)
+    assert isinstance(index._faiss_index, FakeGpuIndexBinaryFlat) and index.search_method == "flat"
+    positions, overlaps = index.search(queries)
+    expected_positions, expected_overlaps = brute_force(stored, queries, 16)
+    np.testing.assert_array_equal(positions, expected_positions)
+    np.testing.assert_array_equal(overlaps, expected_overlaps)
+
+    path = tmp_path / "masks.faiss"
+    assert index.write_faiss(str(path))
+    assert isinstance(faiss.read_index_binary(str(path)), faiss.IndexBinaryFlat)
+    reloaded = mask_index.MaskIndex(128, 16, use_faiss=True)
+    reloaded.add_codes(index.codes.copy())
+    assert reloaded.adopt_faiss(str(path))
+    assert isinstance(reloaded._faiss_index, FakeGpuIndexBinaryFlat)
+    assert FakeGpuIndexBinaryFlat.built == 3  # the first index, the reloaded one, and the adopted saved one
+    np.testing.assert_array_equal(reloaded.search(queries)[0], expected_positions)
