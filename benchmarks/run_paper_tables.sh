@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long runs of the results table: ZsRE T=1000, CounterFact T=1000, hallucination T=600 on SmolLM2,
-# and ZsRE T=100 / T=1000 on Gemma-3-270M. Hours on 2 CPU cores; every run checkpoints its memory every
-# 50 edits under benchmarks/checkpoints/ and rerunning this script resumes where it stopped.
+# ZsRE T=100 / T=1000 on Gemma-3-270M, then ZsRE beyond 1000 (T=2035). Hours on 2 CPU cores; every run checkpoints its memory every
+# 50 edits under benchmarks/checkpoints/ and rerunning this script resumes where it stopped (a run whose
+# results JSON exists is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -13,6 +14,7 @@ ZSRE_NEGATIVES=$DATA/ZsRE/zsre_mend_train_first1000_loc_prompts.RECONSTRUCTED.js
 evaluate() {  # name model data... format T [extra args...]
   local name=$1 model=$2
   shift 2
+  if [[ -f "$RESULTS/$name.json" ]]; then echo "$name: $RESULTS/$name.json exists, skipped (delete it to rerun)"; return; fi
   local data=()
   while [[ "$1" == *.json ]]; do data+=("$1"); shift; done
   local format=$1 edits=$2
@@ -24,10 +26,6 @@ evaluate() {  # name model data... format T [extra args...]
 
 evaluate zsre_smollm2_memoir_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
-# Beyond 1000: the 1,037 ZsRE edit records, then the 998 usable records of the ZsRE train subset.
-evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
-  "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
-  --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
   --config configs/smollm2-135m.yaml
 evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
@@ -36,3 +34,7 @@ evaluate zsre_gemma3_memoir_T100 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zs
   --calibration-texts "$ZSRE_NEGATIVES"
 evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --calibration-texts "$ZSRE_NEGATIVES"
+# Beyond 1000: the 1,037 ZsRE edit records, then the 998 usable records of the ZsRE train subset.
+evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
+  "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
+  --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
