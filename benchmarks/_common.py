@@ -69,3 +69,23 @@ def current_rss_mb() -> float:
     """Resident memory of this process now, in MB (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trimmed_rss_mb() -> float | None:
+    """Resident memory after glibc hands its free heap pages back to the OS (None without glibc).
+
+    Plain RSS also counts memory the allocator keeps after it was freed, which creeps up as tensors of
+    ever different shapes come and go; this figure is what the process really holds.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return None
+    trim(0)
+    return current_rss_mb()

@@ -9,7 +9,8 @@ Facts come from the ZsRE edit set, then the ZsRE train subset, then CounterFact,
 masks and records must equal the live ones, and a sample of edit prompts must route the same way.
 ``--max-steps`` (default: the config's) trades edit quality for speed; routing to itself does not
 depend on it. Edit deltas are not kept (``keep_edit_deltas=False``), so memory may grow only by the
-masks and records.
+masks and records. Memory is reported twice: RSS, and ``held_mb``, the RSS once glibc's
+``malloc_trim`` has handed the allocator's free pages back (plain RSS creeps up with them).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 import time
 from pathlib import Path
 
-from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, write_report
+from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, trimmed_rss_mb, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared/data"
@@ -77,6 +78,13 @@ def routes_to_itself(memoir) -> dict:
             "routed_to_own": sum(bool(o and r) for o, r in zip(own, routed, strict=True))}
 
 
+def memory_now() -> dict:
+    """RSS, then what stays resident once the allocator returns its free pages (``held_mb``)."""
+    rss = round(current_rss_mb(), 1)
+    held = trimmed_rss_mb()
+    return {"rss_mb": rss, "held_mb": None if held is None else round(held, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edits", type=int, default=5000)
@@ -102,15 +110,16 @@ def main() -> None:
     probe_base = copy.deepcopy(base)
     memoir = memoir_hf.patch(base, config, tokenizer=tokenizer)
     memoir._ensure_prefixes()
-    timeline = [{"phase": "start", "edits": 0, "rss_mb": round(current_rss_mb(), 1), "seconds": 0.0}]
+    timeline = [{"phase": "start", "edits": 0, **memory_now(), "seconds": 0.0}]
     checks, successes = [], 0
     start = time.perf_counter()
     for number, fact in enumerate(facts, start=1):
         successes += memoir.edit(fact["prompt"], fact["target"], fact["metadata"]).success
         if number % 100 == 0 or number == len(facts):
-            timeline.append({"phase": "edit", "edits": number, "rss_mb": round(current_rss_mb(), 1),
+            timeline.append({"phase": "edit", "edits": number, **memory_now(),
                              "seconds": round(time.perf_counter() - start, 1)})
-            print(f"{number} edits, {timeline[-1]['seconds']:.0f} s, RSS {timeline[-1]['rss_mb']:.0f} MB", flush=True)
+            print(f"{number} edits, {timeline[-1]['seconds']:.0f} s, RSS {timeline[-1]['rss_mb']:.0f} MB "
+                  f"(held {timeline[-1]['held_mb']} MB)", flush=True)
         if number % args.save_every == 0 or number == len(facts):
             memoir.save_pretrained(args.out)
             checks.append(reload_matches(memoir, probe_base, Path(args.out), rng))
@@ -123,8 +132,7 @@ def main() -> None:
         answer = memoir.ask(facts[rng.randrange(len(facts))]["prompt"], max_new_tokens=2)
         routed += answer.routing.routed
         if (call + 1) % 1000 == 0:
-            timeline.append({"phase": "generate", "edits": len(facts), "calls": call + 1,
-                             "rss_mb": round(current_rss_mb(), 1),
+            timeline.append({"phase": "generate", "edits": len(facts), "calls": call + 1, **memory_now(),
                              "seconds": round(edit_seconds + time.perf_counter() - start, 1)})
     generate_seconds = time.perf_counter() - start
     itself = routes_to_itself(memoir)
@@ -137,17 +145,21 @@ def main() -> None:
         "rss_mb": {"start": timeline[0]["rss_mb"], "after_edits": next(t["rss_mb"] for t in reversed(timeline)
                                                                       if t["phase"] == "edit"),
                    "end": timeline[-1]["rss_mb"], "peak": round(peak_rss_mb(), 1)},
+        "held_mb": {"start": timeline[0]["held_mb"], "end": timeline[-1]["held_mb"],
+                    "max": max((t["held_mb"] for t in timeline if t["held_mb"] is not None), default=None)},
         "timeline": timeline,
     }
     print(markdown_table(["edits", "s/edit", "success", "reload checks ok", "generate calls (routed)", "s/call",
-                          "own route", "RSS start/after edits/end MB"],
+                          "own route", "RSS start/after edits/end MB", "held start/end/max MB"],
                          [[len(facts), f"{edit_seconds / len(facts):.2f}", f"{report['edit_success']:.3f}",
                            f"{sum(all(c[k] for k in ('memory', 'masks', 'records', 'routing')) for c in checks)}/"
                            f"{len(checks)}", f"{args.generate_calls} ({routed})",
                            f"{generate_seconds / max(1, args.generate_calls):.3f}",
                            f"{itself['routed_to_own']}/{itself['edits']}",
                            f"{report['rss_mb']['start']:.0f}/{report['rss_mb']['after_edits']:.0f}/"
-                           f"{report['rss_mb']['end']:.0f}"]]))
+                           f"{report['rss_mb']['end']:.0f}",
+                           "/".join(f"{report['held_mb'][k]:.0f}" if report["held_mb"][k] is not None else "-"
+                                    for k in ("start", "end", "max"))]]))
     print(f"wrote {write_report(args.name, report)}")
 
 
