@@ -22,7 +22,17 @@ from .errors import MemoirError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SharedExclusiveLock:
+class FreshWhenCopied:
+    """A copy or unpickled model gets a fresh instance: no lock held, no call in flight."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+
+class SharedExclusiveLock(FreshWhenCopied):
     """A readers-writer lock, re-entrant in both modes, that lets a waiting writer go first.
 
     The thread holding it exclusively may also take it shared (an edit checks itself with a forward
@@ -36,13 +46,6 @@ class SharedExclusiveLock:
         self._writer_depth = 0
         self._writers_waiting = 0
         self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """A copy of a model gets a fresh, unheld lock."""
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
 
     def _shared_depth(self) -> int:
         return getattr(self._local, "depth", 0)
@@ -92,7 +95,7 @@ class SharedExclusiveLock:
                     self._condition.notify_all()
 
 
-class SharedEvalMode:
+class SharedEvalMode(FreshWhenCopied):
     """``module.eval()`` while any thread runs it through the library; the caller's mode returns after the last.
 
     If each call switched to eval and back on its own, one thread's restore would turn dropout back
@@ -103,13 +106,6 @@ class SharedEvalMode:
         self._lock = threading.Lock()
         self._users = 0
         self._was_training = False
-
-    def __getstate__(self) -> dict[str, Any]:
-        """A copy of a model starts with no call in flight."""
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()
 
     @contextmanager
     def __call__(self, module: nn.Module) -> Iterator[None]:

@@ -452,9 +452,8 @@ class MemoirModel(nn.Module):
         if self.edit_path == "naive":
             return nullcontext()
         target = self.target
-        mlp_name = target.parent_name.removeprefix(target.decoder_layer_name).lstrip(".") or None
         layers = self.base_model.get_submodule(target.layers_path)
-        return reuse_frozen_prefix(self.base_model, layers, target.layer_index, mlp_name, self._layer,
+        return reuse_frozen_prefix(self.base_model, layers, target.layer_index, target.mlp_in_layer, self._layer,
                                    batch.input_ids, batch.attention_mask, len(batch.target_ids))
 
     def _ensure_prefixes(self) -> None:

@@ -69,3 +69,20 @@ def test_cached_path_with_layers_above_the_memory_writes_the_same_memory(family,
     assert cached.abs().sum() > 0
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
     assert cached_steps == full_steps
+
+
+def test_a_top_mlp_returning_more_than_a_tensor_runs_in_full_from_then_on():
+    from memoir_hf.editing.prefix_cache import _at_positions_only
+
+    calls = []
+
+    def mixture_of_experts(hidden_states):
+        calls.append(hidden_states.shape[1])
+        return hidden_states * 2, None
+
+    forward = _at_positions_only(mixture_of_experts, 2, 4)
+    hidden = torch.randn(3, 6, 5)
+    for _ in range(2):
+        output, _ = forward(hidden)
+        torch.testing.assert_close(output, hidden * 2)
+    assert calls == [2, 6, 6]  # one sliced try, then the full MLP on every call

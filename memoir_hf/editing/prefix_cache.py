@@ -86,12 +86,17 @@ def _returning_memory(memory: MemoirLayer, activations: torch.Tensor) -> Callabl
 def _at_positions_only(forward: Callable[..., Any], start: int, stop: int) -> Callable[..., Any]:
     """An MLP forward computed on positions [start, stop) only, with zeros elsewhere (left padding keeps
     the target positions the same in every row). An MLP that returns more than a tensor (a registered
-    mixture of experts, say) runs in full."""
+    mixture of experts, say) runs in full, from its first call on."""
+    in_full = False
+
     def at_positions(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        output = forward(hidden_states[:, start:stop].contiguous(), *args, **kwargs)
-        if not isinstance(output, torch.Tensor):
-            return forward(hidden_states, *args, **kwargs)
-        return F.pad(output, (0, 0, start, hidden_states.shape[1] - stop))
+        nonlocal in_full
+        if not in_full:
+            output = forward(hidden_states[:, start:stop].contiguous(), *args, **kwargs)
+            if isinstance(output, torch.Tensor):
+                return F.pad(output, (0, 0, start, hidden_states.shape[1] - stop))
+            in_full = True
+        return forward(hidden_states, *args, **kwargs)
     return at_positions
 
 

@@ -33,8 +33,10 @@ class PatchTarget:
         return self.module_name.rpartition(".")[0]
 
     @property
-    def decoder_layer_name(self) -> str:
-        return f"{self.layers_path}.{self.layer_index}"
+    def mlp_in_layer(self) -> str | None:
+        """Path, within its decoder layer, of the module holding the down projection (``mlp``); None when
+        the decoder layer holds it directly (OPT)."""
+        return self.parent_name.removeprefix(f"{self.layers_path}.{self.layer_index}").lstrip(".") or None
 
     @property
     def attribute(self) -> str:
