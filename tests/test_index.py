@@ -246,6 +246,22 @@ def test_measured_ivf_finds_what_the_exact_search_finds_on_clustered_masks():
     assert ivf.nprobe == trial.nprobe
 
 
+def test_slow_ivf_timings_do_not_cut_the_probe_search_short(monkeypatch):
+    """A noisy clock once made the search stop below the recall goal; speed is judged once, at the end."""
+    faiss = pytest.importorskip("faiss")
+    import memoir_hf.index.sublinear as sublinear
+
+    ticks = iter([0.0, 1.0] + [t for start in range(10, 1000, 100) for t in (start, start + 50)])
+    monkeypatch.setattr(sublinear.time, "perf_counter", lambda: next(ticks))
+    rng = np.random.default_rng(4)
+    codes = pack_masks(clustered_masks(rng, 4000, 256, 64, n_clusters=16))
+    exact = faiss.IndexBinaryFlat(256)
+    exact.add(codes)
+    _, trial = sublinear.measure_ivf(codes, exact, 64, query_overlap=0.6, rng=rng)
+    assert trial.nprobe > 1 and trial.recall >= 0.99
+    assert trial.speedup < 1 and not trial.worth_using
+
+
 def test_adopted_ivf_answers_like_the_exact_search_with_ties_to_newest(monkeypatch):
     pytest.importorskip("faiss")
     import memoir_hf.index.mask_index as mask_index
