@@ -25,7 +25,7 @@ from memoir_hf import EditRecord, MemoirConfig, MemoirConfigError, MemoirError, 
 from memoir_hf.cli import main
 from memoir_hf.evaluation import harness
 from memoir_hf.evaluation.datasets import FORMATS, DataError, EvalRecord, load_records
-from memoir_hf.evaluation.harness import _metrics, _routing_confusion, _Scores
+from memoir_hf.evaluation.harness import _by_conflict, _metrics, _routing_confusion, _Scores, superseded
 from memoir_hf.evaluation.metrics import agreement, mean, perplexity, token_accuracy
 from memoir_hf.evaluation.scoring import Scored
 from memoir_hf.routing.calibration import choose_threshold
@@ -652,6 +652,26 @@ def test_routing_confusion_uses_eval_index_not_edit_order():
     assert confusion["rel"] == {"own_edit": 1, "other_edit_same_subject": 0, "other_edit": 1, "no_edit": 0}
     # A loc prompt never reads "its own" edit: any edit it reads is a false positive.
     assert confusion["loc"] == {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 1, "no_edit": 0}
+
+
+def test_superseded_marks_records_a_later_same_subject_record_contradicts():
+    def record(i, subject, target):
+        return EvalRecord(index=i, prompt=f"p{i}", target=target, subject=subject)
+    records = [record(0, "S", "x"), record(1, "S", "x"), record(2, "T", "y"), record(3, "S", "z"),
+               record(4, None, "a"), record(5, None, "b"), record(6, "T", "y")]
+    # 0 and 1 agree with each other but 3 (same subject) says otherwise; T's two records agree;
+    # records without a subject are never compared.
+    assert superseded(records) == [True, True, False, False, False, False, False]
+    assert superseded([]) == []
+
+
+def test_by_conflict_splits_rel_and_gen_into_superseded_and_others():
+    # Record 0 (subject S) is superseded by record 1 (subject S, another target).
+    split = _by_conflict(hand_scores(), RECORDS, 0.6)
+    assert split["superseded_records"] == 1
+    assert split["rel"] == {"superseded": 1.0, "others": pytest.approx(0.5)}
+    # gen: record 0's rephrase overlaps 0.55 < τ (memory off: wrong), record 2's reads its edit.
+    assert split["gen"] == {"superseded": 0.0, "others": 1.0}
 
 
 # -- harness: run() on a tiny model (no pretrained weights) ----------------------------------------

@@ -115,6 +115,7 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
         "seconds_per_edit": mean(seconds),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
+        "by_conflict": _by_conflict(scores, records, tau),
         "sweep": [{"threshold": t, **_metrics(scores, t)} for t in SWEEP] if method == "memoir" else None,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform()},
@@ -239,3 +240,31 @@ def _routing_confusion(scores: _Scores, records: Sequence[EvalRecord], memoir: M
                 counts["other_edit"] += 1
         confusion[name] = counts
     return confusion
+
+
+def superseded(records: Sequence[EvalRecord]) -> list[bool]:
+    """Per record: whether a later record of the same subject asks for another target.
+
+    The protocol edits every record, so such a later edit, whose mask shares much of the earlier
+    one's (same subject), trains those columns toward a different answer: a conflict in the data
+    that no router can resolve from the question alone.
+    """
+    later_targets: dict[str, set[str]] = {}
+    flags = []
+    for record in reversed(records):
+        targets = later_targets.setdefault(record.subject, set()) if record.subject is not None else set()
+        flags.append(bool(targets - {record.target}))
+        targets.add(record.target)
+    return flags[::-1]
+
+
+def _by_conflict(scores: _Scores, records: Sequence[EvalRecord], tau: float) -> dict[str, Any]:
+    """Rel and Gen of the superseded records and of the others: how much of the loss the data's conflicts explain."""
+    flags = superseded(records)
+    split = {"superseded_records": sum(flags)}
+    with_rephrase = [flag for flag, record in zip(flags, records, strict=True) if record.rephrase is not None]
+    for name, marks in (("rel", flags), ("gen", with_rephrase)):
+        accuracy = [token_accuracy(s.predicted, s.target) for s in _chosen(scores, name, tau)]
+        split[name] = {"superseded": mean([a for a, m in zip(accuracy, marks, strict=True) if m]),
+                       "others": mean([a for a, m in zip(accuracy, marks, strict=True) if not m])}
+    return split
