@@ -18,3 +18,10 @@ for T in 10 100; do
   memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits "$T" --config configs/smollm2-135m.yaml \
     --method ft-l --threads 2 --out "$RESULTS/zsre_smollm2_ftl_T$T.json"
 done
+# A sparser mask (k/d_ff = 0.1, step doubled): the lever against interference between edits.
+for STEPS in 30 60; do
+  NAME=zsre_smollm2_memoir_sparse$([[ $STEPS == 60 ]] && echo 60)_T100
+  MEMOIR_MAX_STEPS=$STEPS memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits 100 \
+    --config configs/smollm2-135m-sparse.yaml --threads 2 --calibration-texts "$NEGATIVES" \
+    --out "$RESULTS/$NAME.json" --plot "$RESULTS/${NAME}_sweep.png"
+done

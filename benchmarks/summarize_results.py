@@ -10,14 +10,23 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ("model", "format", "method", "T", "τ", "Rel", "Gen", "Loc", "success", "s/edit", "peak MB",
-           "Gen routed: own / same subject / other / none", "Loc routed to an edit")
+COLUMNS = ("model", "format", "method", "k/d_ff, lr, steps", "T", "τ", "Rel", "Gen", "Loc", "success", "s/edit",
+           "peak MB",
+           "Gen routed: own / same subject / other / none", "Loc routed to an edit",
+           "Rel superseded / others (superseded records)")
 
 
 def load_reports(folder: Path = RESULTS) -> list[dict]:
     reports = [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
-    return sorted((r for r in reports if "metrics" in r), key=lambda r: (r["model"], r["format"], r["method"],
-                                                                        r["edits"]))
+    return sorted((r for r in reports if "metrics" in r),
+                  key=lambda r: (r["model"], r["format"], r["method"], settings(r), r["edits"]))
+
+
+def settings(report: dict) -> str:
+    """The settings that set runs of one method apart: mask size (fraction of d_ff, or columns), lr, steps."""
+    config = report["memoir_config"]
+    top_k = config["top_k"] if isinstance(config["top_k"], int) else format(config["top_k"], ".3g")
+    return f"{top_k}, {config['learning_rate']:g}, {config['max_steps']}"
 
 
 def row(report: dict) -> list[str]:
@@ -27,14 +36,18 @@ def row(report: dict) -> list[str]:
                    if gen else "–")
     loc = routing.get("loc")
     loc_routed = f"{loc['other_edit']} of {sum(loc.values())}" if loc else "–"
-    return [report["model"], report["format"], report["method"], str(report["edits"]), f"{report['threshold']:.3f}",
+    conflict = report.get("by_conflict")
+    by_conflict = (f"{_maybe(conflict['rel']['superseded'])} / {_maybe(conflict['rel']['others'])} "
+                   f"({conflict['superseded_records']})" if conflict else "–")
+    return [report["model"], report["format"], report["method"], settings(report), str(report["edits"]),
+            f"{report['threshold']:.3f}",
             f"{metrics['rel']:.3f}", _maybe(metrics.get("gen")), _maybe(metrics.get("loc")),
             f"{report['edit_success_rate']:.2f}", f"{report['seconds_per_edit']:.1f}", f"{report['peak_rss_mb']:.0f}",
-            gen_routing, loc_routed]
+            gen_routing, loc_routed, by_conflict]
 
 
 def _maybe(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+    return "–" if value is None or value != value else f"{value:.3f}"  # None, or NaN: no such records
 
 
 def markdown(reports: list[dict]) -> str:

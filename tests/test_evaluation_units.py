@@ -864,6 +864,16 @@ def test_plot_sweep_writes_png(tmp_path, with_gen):
     assert_png(path)
 
 
+def test_series_label_tells_mask_settings_apart():
+    from memoir_hf.config import DEFAULT_TOP_K
+    from memoir_hf.evaluation.plots import series_label
+
+    paper = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30}}
+    sparse = {"method": "memoir", "memoir_config": {"top_k": 0.1, "max_steps": 60}}
+    ft_l = {"method": "ft-l", "memoir_config": {"top_k": 1536, "max_steps": 30}}
+    assert [series_label(r) for r in (paper, sparse, ft_l)] == ["memoir", "memoir k=0.1, 60 steps", "ft-l"]
+
+
 def test_plot_scaling_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from memoir_hf.evaluation.plots import plot_scaling

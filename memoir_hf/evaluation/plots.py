@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ..config import DEFAULT_TOP_K
 from ..errors import MemoirError
 
 _CURVES = (("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"))
@@ -40,19 +41,30 @@ def plot_sweep(report: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Rel/Gen/Loc against the number of sequential edits T, one line per method."""
+    """Rel/Gen/Loc against the number of sequential edits T, one line per method and mask/step setting."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in reports}, key=lambda m: m != "memoir"):
-        rows = sorted((r for r in reports if r["method"] == method), key=lambda r: r["edits"])
-        style = {"linestyle": "-", "marker": "o"} if method == "memoir" else {"linestyle": ":", "marker": "s"}
+    figure, axis = plt.subplots(figsize=(8.5, 4))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for report in reports:
+        series.setdefault(series_label(report), []).append(report)
+    for number, (name, rows) in enumerate(sorted(series.items(), key=lambda item: item[0] != "memoir")):
+        rows.sort(key=lambda r: r["edits"])
+        style = {"linestyle": ("-", ":", "--", "-.")[number % 4], "marker": "osD^"[number % 4]}
         for colour, (key, label) in enumerate(_CURVES):
             if key in rows[0]["metrics"]:
                 axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], color=f"C{colour}",
-                          label=f"{method} {label}", **style)
+                          label=f"{name} {label}", **style)
     axis.set(xscale="log", xlabel="sequential edits T", ylabel="score", ylim=(-0.02, 1.02),
              title=f"{reports[0]['model']} · {reports[0]['format']}")
-    axis.legend(fontsize="small")
+    axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def series_label(report: dict[str, Any]) -> str:
+    """The method, and for MEMOIR runs off the paper's k the mask size and step budget that tell them apart."""
+    config = report.get("memoir_config") or {}
+    if report["method"] != "memoir" or config.get("top_k", DEFAULT_TOP_K) == DEFAULT_TOP_K:
+        return report["method"]
+    return f"memoir k={config['top_k']:g}, {config.get('max_steps')} steps"
