@@ -47,7 +47,7 @@ def row(report: dict) -> list[str]:
 
 
 def _maybe(value: float | None) -> str:
-    return "–" if value is None or value != value else f"{value:.3f}"  # None, or NaN: no such records
+    return "–" if value is None else f"{value:.3f}"
 
 
 def markdown(reports: list[dict]) -> str:

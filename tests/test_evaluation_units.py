@@ -5,6 +5,7 @@ No pretrained model is loaded. The few harness tests that need a model use a tin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -672,6 +673,10 @@ def test_by_conflict_splits_rel_and_gen_into_superseded_and_others():
     assert split["rel"] == {"superseded": 1.0, "others": pytest.approx(0.5)}
     # gen: record 0's rephrase overlaps 0.55 < τ (memory off: wrong), record 2's reads its edit.
     assert split["gen"] == {"superseded": 0.0, "others": 1.0}
+    # Without conflicts the superseded group is empty: None, not NaN (a report must stay valid JSON).
+    alone = _by_conflict(hand_scores(), [dataclasses.replace(r, subject=None) for r in RECORDS], 0.6)
+    assert alone["superseded_records"] == 0 and alone["rel"]["superseded"] is None
+    json.dumps(alone, allow_nan=False)
 
 
 # -- harness: run() on a tiny model (no pretrained weights) ----------------------------------------

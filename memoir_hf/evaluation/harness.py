@@ -265,6 +265,11 @@ def _by_conflict(scores: _Scores, records: Sequence[EvalRecord], tau: float) -> 
     with_rephrase = [flag for flag, record in zip(flags, records, strict=True) if record.rephrase is not None]
     for name, marks in (("rel", flags), ("gen", with_rephrase)):
         accuracy = [token_accuracy(s.predicted, s.target) for s in _chosen(scores, name, tau)]
-        split[name] = {"superseded": mean([a for a, m in zip(accuracy, marks, strict=True) if m]),
-                       "others": mean([a for a, m in zip(accuracy, marks, strict=True) if not m])}
+        split[name] = {"superseded": _mean_or_none([a for a, m in zip(accuracy, marks, strict=True) if m]),
+                       "others": _mean_or_none([a for a, m in zip(accuracy, marks, strict=True) if not m])}
     return split
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    """None for an empty group: a report is JSON, which has no NaN."""
+    return mean(values) if values else None
