@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from _common import RESULTS, machine, markdown_table, parse_args, write_report
@@ -55,14 +56,11 @@ def phases_of_one_edit(memoir, prompt: str, target: str, steps: int) -> dict[str
                mock.patch.object(trainer, "target_loss", counted(counts, "forwards", trainer.target_loss))]
     memoir._ensure_prefixes()  # generated once per patched model, outside the count
     memoir.memoir_config.max_steps, memoir.memoir_config.stop_loss = steps, 0.0
-    with FlopCounterMode(display=False) as total:
+    with ExitStack() as stack:
         for patch in patches:
-            patch.start()
-        try:
+            stack.enter_context(patch)
+        with FlopCounterMode(display=False) as total:
             result = memoir.edit(prompt, target)
-        finally:
-            for patch in patches:
-                patch.stop()
     if result.steps != steps:
         raise RuntimeError(f"the edit ran {result.steps} steps, not {steps}")
     forwards = counts.pop("forwards")  # steps + 1 of them: the last one only reads the final loss

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The long runs of the results table: ZsRE T=1000 (paper's k, then k = 0.1), CounterFact T=1000, hallucination T=600 on SmolLM2,
-# ZsRE T=100 / T=1000 on Gemma-3-270M, then ZsRE beyond 1000 (T=2035). Hours on 2 CPU cores; every run
-# checkpoints its memory every 50 edits under benchmarks/checkpoints/, and rerunning this script resumes
-# where it stopped (a run whose results JSON exists is skipped).
+# The long runs of the results table: ZsRE T=1000 (paper's k, then k = 0.1), CounterFact T=1000,
+# hallucination T=600 on SmolLM2, ZsRE T=100 / T=1000 on Gemma-3-270M, then ZsRE beyond 1000
+# (T=2035). Hours on 2 CPU cores; every run checkpoints its memory every 50 edits under
+# benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose results
+# JSON exists is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE

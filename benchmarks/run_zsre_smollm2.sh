@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ZsRE on SmolLM2-135M: MEMOIR at T = 1, 10, 100 (and 1000 with RUN_1000=1), FT-L at T = 10, 100.
+# ZsRE on SmolLM2-135M: MEMOIR at T = 1, 10, 100 (and 1000 with RUN_1000=1), FT-L at T = 10, 100, and
+# MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps.
 # Each run checkpoints its memory under benchmarks/checkpoints/ and resumes if interrupted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,10 @@ for T in 10 100; do
     --method ft-l --threads 2 --out "$RESULTS/zsre_smollm2_ftl_T$T.json"
 done
 # A sparser mask (k/d_ff = 0.1, step doubled): the lever against interference between edits.
-for STEPS in 30 60; do
-  NAME=zsre_smollm2_memoir_sparse$([[ $STEPS == 60 ]] && echo 60)_T100
-  MEMOIR_MAX_STEPS=$STEPS memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits 100 \
+for RUN in sparse:30 sparse60:60; do  # results name : max_steps
+  NAME=zsre_smollm2_memoir_${RUN%:*}_T100
+  MEMOIR_MAX_STEPS=${RUN#*:} memoir-hf eval --model smollm2 --data "$DATA" --format zsre --edits 100 \
     --config configs/smollm2-135m-sparse.yaml --threads 2 --calibration-texts "$NEGATIVES" \
+    --checkpoint-dir "benchmarks/checkpoints/$NAME" --checkpoint-every 50 \
     --out "$RESULTS/$NAME.json" --plot "$RESULTS/${NAME}_sweep.png"
 done
