@@ -30,10 +30,11 @@ evaluate zsre_smollm2_memoir_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre
 # The sparser mask that lifted Rel/Gen at T = 100 (see the README), at T = 1000.
 evaluate zsre_smollm2_memoir_sparse_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --config configs/smollm2-135m-sparse.yaml --calibration-texts "$ZSRE_NEGATIVES"
+# CounterFact and hallucination calibrate τ on the locality prompts of their own train split.
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
-  --config configs/smollm2-135m.yaml
+  --config configs/smollm2-135m.yaml --calibration-texts "$DATA/counterfact/counterfact-train.json"
 evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
-  --config configs/smollm2-135m.yaml
+  --config configs/smollm2-135m.yaml --calibration-texts "$DATA/hallucination/hallucination-train.json"
 evaluate zsre_gemma3_memoir_T100 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 100 \
   --calibration-texts "$ZSRE_NEGATIVES"
 evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \

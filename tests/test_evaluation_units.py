@@ -917,6 +917,20 @@ def test_calibration_texts_from_text_and_json_files(tmp_path):
     assert load_texts(tmp_path / "o.json") == ["nq question: x y", "p"]
 
 
+def test_calibration_texts_from_a_benchmark_train_file_are_its_locality_prompts(tmp_path):
+    """A CounterFact or hallucination train record holds an edit prompt too: the negatives must be
+    the locality prompts (what must not read an edit), never the edit prompts."""
+    from memoir_hf.evaluation.datasets import load_texts
+
+    rows = [{"prompt": "Toko Yasuda, the", "target_new": "piano", "locality_prompt": "John Lennon performs on the",
+             "locality_ground_truth": "guitar"},
+            {"prompt": "The mother tongue of X is", "locality_prompt": "Y speaks", "target_new": "English"}]
+    assert load_texts(write_json(tmp_path / "train.json", rows)) == ["John Lennon performs on the", "Y speaks"]
+    rows[1]["locality_prompt"] = " "
+    with pytest.raises(DataError, match="record 1"):
+        load_texts(write_json(tmp_path / "blank.json", rows))
+
+
 @pytest.mark.parametrize("content", [[{"index": 0}], [""], [3]])
 def test_calibration_texts_refuse_unusable_items(tmp_path, content):
     from memoir_hf.evaluation.datasets import load_texts

@@ -23,8 +23,9 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="routing threshold τ; default: calibrated from the edits and generic text")
     parser.add_argument("--calibration-texts", default=None,
-                        help="unrelated texts to calibrate τ against (a text file, one a line, or a JSON list); "
-                             "default: the generic prompts shipped with memoir_hf")
+                        help="unrelated texts to calibrate τ against (a text file, one a line, or a JSON list; from a "
+                             "benchmark's train file its locality prompts); default: the generic prompts "
+                             "shipped with memoir_hf")
     parser.add_argument("--config", default=None,
                         help="YAML (or JSON) file of MemoirConfig settings; MEMOIR_* environment variables override it")
     parser.add_argument("--out", default=None, help="where to write the JSON report")

@@ -180,9 +180,18 @@ def _field(row: dict[str, Any], key: str, *, required: bool, blank_ok: bool, whe
     return value
 
 
+# The text of a calibration record: the first of these keys it has (a blank one refuses the record).
+_TEXT_KEYS = ("loc_prompt", "locality_prompt", "prompt")
+
+
 def load_texts(path: str | Path) -> list[str]:
     """Unrelated texts for threshold calibration: a text file (one a line) or a JSON list of strings
-    or of objects with a ``loc_prompt`` or ``prompt`` field (e.g. the ZsRE train loc prompts)."""
+    or of objects with a text field.
+
+    From an object the first of ``loc_prompt``, ``locality_prompt`` and ``prompt`` is taken, so a
+    benchmark's *train* split (ZsRE's train loc prompts, CounterFact's or hallucination's train file)
+    gives its locality prompts: the queries that must not read an edit, as routing sees them.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"calibration text file {path} does not exist.")
@@ -197,7 +206,8 @@ def load_texts(path: str | Path) -> list[str]:
 
 def _text_of(item: Any, path: Path, index: int) -> str:
     if isinstance(item, dict):
-        item = item.get("loc_prompt", item.get("prompt"))
+        item = next((item[key] for key in _TEXT_KEYS if key in item), None)
     if not isinstance(item, str) or not item.strip():
-        raise DataError(f"{path.name} record {index}: expected a string or an object with 'loc_prompt' or 'prompt'.")
+        raise DataError(f"{path.name} record {index}: expected a string or an object with one of "
+                        f"{', '.join(map(repr, _TEXT_KEYS))}.")
     return item
