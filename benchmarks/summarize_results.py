@@ -33,7 +33,7 @@ def row(report: dict) -> list[str]:
     metrics, routing = report["metrics"], report.get("routing") or {}
     gen = routing.get("gen")
     gen_routing = (f"{gen['own_edit']} / {gen['other_edit_same_subject']} / {gen['other_edit']} / {gen['no_edit']}"
-                   if gen else "–")
+                   if gen and sum(gen.values()) else "–")  # no rephrases (hallucination): nothing routed
     loc = routing.get("loc")
     loc_routed = f"{loc['other_edit']} of {sum(loc.values())}" if loc else "–"
     conflict = report.get("by_conflict")
@@ -66,6 +66,8 @@ def main() -> None:
         from memoir_hf.evaluation.plots import plot_scaling
 
         zsre = [r for r in reports if r["model"] == "smollm2" and r["format"] == "zsre"]
+        if not zsre:
+            raise SystemExit(f"no SmolLM2 ZsRE report under {RESULTS} to plot.")
         plot_scaling(zsre, args.plot)
 
 

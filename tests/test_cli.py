@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import yaml
 from tiny_models import make_byte_tokenizer, make_tiny_model
 
-from memoir_hf import MemoirModel
+from memoir_hf import EditResult, MemoirModel
 from memoir_hf.cli import main
 from memoir_hf.feedback import correction
 from memoir_hf.persistence.checkpoint import read_checkpoint
@@ -68,6 +69,25 @@ def test_edit_appends_to_an_existing_checkpoint_without_model_or_config(checkpoi
     assert "edit 2" in out and "3 stored" in out
     saved = read_checkpoint(checkpoint)
     assert saved.records[-1].metadata == {"by": "cli"} and len(saved.records) == 3
+
+
+def test_a_fact_that_could_not_be_stored_is_not_counted_and_fails_the_command(checkpoint, monkeypatch, capsys,
+                                                                                tmp_path):
+    real_edit_many = MemoirModel.edit_many
+
+    def second_fails(self, facts, **kwargs):
+        error = EditResult(None, False, float("nan"), 1, 0.1, 0.0, None, error="values not finite")
+        return real_edit_many(self, facts[:1], **kwargs) + [error] * (len(facts) - 1)
+
+    monkeypatch.setattr(MemoirModel, "edit_many", second_fails)
+    facts = tmp_path / "two.jsonl"
+    facts.write_text('{"prompt": "Grass is", "target": "blue"}\n{"prompt": "Snow is", "target": "black"}\n',
+                     encoding="utf-8")
+    assert main(["edit", str(checkpoint), "--file", str(facts)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT STORED: 'Snow is': values not finite" in out
+    assert re.search(r"^1 edits written \([01] did not reach their target; 1 NOT STORED\); 3 stored", out, re.M)
+    assert len(read_checkpoint(checkpoint).records) == 3
 
 
 def test_edit_from_csv(tmp_path, model_dir, config_file, capsys):

@@ -590,7 +590,7 @@ def hand_scores() -> _Scores:
 ])
 def test_metrics_choose_routed_or_off_per_prompt(tau, expected):
     metrics = _metrics(hand_scores(), tau)
-    assert set(metrics) == {"rel", "rel_ppl", "gen", "loc"}
+    assert set(metrics) == {"rel", "rel_ppl", "gen", "gen_ppl", "loc"}
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value), key
 
@@ -600,6 +600,16 @@ def test_metrics_rel_ppl_follows_the_choice():
     assert _metrics(scores, 0.5)["rel_ppl"] == pytest.approx((2 + 2 + 4) / 3)
     assert _metrics(scores, 0.7)["rel_ppl"] == pytest.approx((4 + 2 + 4) / 3)
     assert _metrics(scores, 0.9)["rel_ppl"] == pytest.approx(4.0)
+
+
+def test_metrics_gen_ppl_follows_the_choice():
+    """The temporal set's metric (WISE's ood_ppl): perplexity of the target after the rephrase."""
+    scores = hand_scores()
+    scores.routed["gen"][0] = scored([1, 2], [1, 2], [LN2, LN2], overlap=0.55, nearest=10)
+    scores.off["gen"] = [scored([9, 9], [1, 2], [LN4, LN4]), scored([9, 9], [5, 6], [LN4, LN4])]
+    assert _metrics(scores, 0.5)["gen_ppl"] == pytest.approx((2 + 1) / 2)
+    assert _metrics(scores, 0.6)["gen_ppl"] == pytest.approx((4 + 1) / 2)
+    assert _metrics(scores, 0.9)["gen_ppl"] == pytest.approx(4.0)
 
 
 def test_metrics_single_record_rel_flips_at_the_overlap():
@@ -726,6 +736,98 @@ def test_run_refuses_checkpoint_every_zero(tmp_path):
     with pytest.raises(MemoirError):
         harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
                     progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=0)
+
+
+def test_the_evaluation_package_exposes_run_and_the_loaders():
+    import memoir_hf.evaluation as evaluation
+
+    assert evaluation.run is harness.run and evaluation.load_records is load_records
+    assert set(evaluation.FORMATS) == set(FORMATS) and "ft-l" in evaluation.METHODS
+
+
+def never_edit(monkeypatch) -> list:
+    """Record calls to _edit_and_evaluate instead of editing; returns the call list."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return {"by_conflict": {"superseded_records": 0}, "sweep": None}
+
+    monkeypatch.setattr(harness, "_edit_and_evaluate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("what", ["out is a folder", "plot is a folder", "plot of ft-l", "plot, no matplotlib"])
+def test_run_refuses_an_output_it_could_not_write_before_editing(tmp_path, monkeypatch, what):
+    model, data, config = tiny_run_inputs(tmp_path)
+    calls = never_edit(monkeypatch)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    arguments = {"out is a folder": {"out": folder}, "plot is a folder": {"plot": folder},
+                 "plot of ft-l": {"plot": tmp_path / "p.png", "method": "ft-l", "threshold": None},
+                 "plot, no matplotlib": {"plot": tmp_path / "p.png"}}[what]
+    if what == "plot, no matplotlib":
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MemoirError, match="folder|ft-l|matplotlib"):
+        harness.run((model, make_byte_tokenizer()), data, **{"format": "jsonl", "edits": 2, "config": config,
+                                                             "threshold": 0.5, "progress": False, **arguments})
+    assert not calls
+
+
+def test_run_makes_the_report_folder_before_editing(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    out = tmp_path / "new" / "deeper" / "report.json"
+    folder_at_edit_time = []
+    monkeypatch.setattr(harness, "_edit_and_evaluate",
+                        lambda *args: folder_at_edit_time.append(out.parent.is_dir()) or {"sweep": None})
+    harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                progress=False, out=out)
+    assert folder_at_edit_time == [True] and json.loads(out.read_text())["format"] == "jsonl"
+
+
+def test_run_warns_when_the_data_holds_fewer_records_than_asked(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    never_edit(monkeypatch)
+    with pytest.warns(UserWarning, match="2 usable records, fewer than the 5 edits"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=5, config=config, threshold=0.5,
+                    progress=False)
+
+
+@pytest.mark.parametrize("format, split", [("zsre", True), ("counterfact", False), ("hallucination", False)])
+def test_conflict_split_only_for_zsre(tmp_path, monkeypatch, format, split):
+    """Same-subject records contradict each other in ZsRE only (other relations in CounterFact,
+    successive sentences of one passage in the hallucination set)."""
+    never_edit(monkeypatch)
+    data = write_rows(tmp_path, format, [ROW_MAKERS[format](0), ROW_MAKERS[format](1)])
+    report = harness.run((make_tiny_model("llama"), make_byte_tokenizer()), data, format=format, edits=2,
+                         threshold=0.5, progress=False)
+    assert (report["by_conflict"] is not None) == split
+
+
+def test_calibration_leaves_out_the_run_prompts_with_a_warning():
+    records = [EvalRecord(0, "P0", "T0", rephrase="R0", loc="L0", loc_ans="A0"), EvalRecord(1, "P1", "T1")]
+    texts = ["unrelated", "P0", " R0", "L0", "L0 A0", "P1", "L0 other"]
+    with pytest.warns(UserWarning, match="5 calibration text"):
+        assert harness._without_run_prompts(texts, records) == ["unrelated", "L0 other"]
+    with pytest.raises(MemoirError, match="every calibration text"):
+        harness._without_run_prompts(["P0"], records)
+
+
+def test_an_edit_error_saves_the_edits_before_it_and_names_the_record(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    real_edit = memoir_hf.MemoirModel.edit
+
+    def second_edit_fails(self, prompt, target, **kwargs):
+        if len(self.edits) == 1:
+            return memoir_hf.EditResult(None, False, float("nan"), 1, 0.1, 0.0, None, error="values not finite")
+        return real_edit(self, prompt, target, **kwargs)
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", second_edit_fails)
+    checkpoint = tmp_path / "ck"
+    with pytest.raises(MemoirError, match="record 1 .*after 1 edits: values not finite"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False, checkpoint_dir=checkpoint, checkpoint_every=100)
+    assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
 
 
 def test_sweep_grid():
@@ -926,6 +1028,14 @@ def test_calibration_texts_from_a_benchmark_train_file_are_its_locality_prompts(
              "locality_ground_truth": "guitar"},
             {"prompt": "The mother tongue of X is", "locality_prompt": "Y speaks", "target_new": "English"}]
     assert load_texts(write_json(tmp_path / "train.json", rows)) == ["John Lennon performs on the", "Y speaks"]
+    zsre_train = [zsre_row(0), zsre_row(1)]  # ZsRE's own train file: its NQ loc questions
+    assert load_texts(write_json(tmp_path / "zsre.json", zsre_train)) == [r["loc"] for r in zsre_train]
+    jsonl = write_jsonl(tmp_path / "t.jsonl", [{"locality_prompt": "line one\u2028still one"}, "not json"])
+    with pytest.raises(DataError, match="t.jsonl line 2: not valid JSON"):
+        load_texts(jsonl)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_texts(tmp_path / "latin1.txt")
     rows[1]["locality_prompt"] = " "
     with pytest.raises(DataError, match="record 1"):
         load_texts(write_json(tmp_path / "blank.json", rows))

@@ -110,10 +110,12 @@ def run_edit(args: argparse.Namespace) -> int:
         print(f"edit {result.edit_id} {outcome}: {shorten(fact['prompt'])!r} -> {shorten(fact['target'], 30)!r} "
               f"({result.steps} steps, loss {result.loss:.3f}, {result.seconds:.1f} s)")
     memoir.save_pretrained(args.checkpoint)
-    failed = sum(not r.success for r in results)
-    print(f"{len(results)} edits written ({failed} did not reach their target); {len(memoir.store)} stored in "
-          f"{args.checkpoint}")
-    return 0
+    written = [r for r in results if r.error is None]
+    failed = sum(not r.success for r in written)
+    not_stored = len(results) - len(written)
+    print(f"{len(written)} edits written ({failed} did not reach their target"
+          f"{f'; {not_stored} NOT STORED' if not_stored else ''}); {len(memoir.store)} stored in {args.checkpoint}")
+    return 1 if not_stored else 0
 
 
 def run_ask(args: argparse.Namespace) -> int:

@@ -129,7 +129,7 @@ def _json_rows(path: Path) -> list[tuple[int, Any]]:
 def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
     rows: list[tuple[int, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON line
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text: {error}") from None
     for number, line in enumerate(lines):
@@ -181,33 +181,39 @@ def _field(row: dict[str, Any], key: str, *, required: bool, blank_ok: bool, whe
 
 
 # The text of a calibration record: the first of these keys it has (a blank one refuses the record).
-_TEXT_KEYS = ("loc_prompt", "locality_prompt", "prompt")
+_TEXT_KEYS = ("loc_prompt", "locality_prompt", "loc", "prompt")
 
 
 def load_texts(path: str | Path) -> list[str]:
-    """Unrelated texts for threshold calibration: a text file (one a line) or a JSON list of strings
-    or of objects with a text field.
+    """Unrelated texts for threshold calibration: a text file (one a line), a JSON list or a JSONL file
+    of strings or of objects with a text field.
 
-    From an object the first of ``loc_prompt``, ``locality_prompt`` and ``prompt`` is taken, so a
-    benchmark's *train* split (ZsRE's train loc prompts, CounterFact's or hallucination's train file)
-    gives its locality prompts: the queries that must not read an edit, as routing sees them.
+    From an object the first of ``loc_prompt``, ``locality_prompt``, ``loc`` and ``prompt`` is taken, so a
+    benchmark's *train* split (ZsRE's train loc prompts or train file, CounterFact's or hallucination's
+    train file) gives its locality prompts: the queries that must not read an edit, as routing sees them.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"calibration text file {path} does not exist.")
-    if path.suffix != ".json":
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix in (".json", ".jsonl"):
+        rows = _json_rows(path) if path.suffix == ".json" else _jsonl_rows(path)
+        texts = [_text_of(item, _where(path, path.suffix[1:], i)) for i, item in rows]
     else:
-        texts = [_text_of(item, path, i) for i, item in _json_rows(path)]
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text: {error}") from None
+        texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise DataError(f"{path} holds no text.")
     return texts
 
 
-def _text_of(item: Any, path: Path, index: int) -> str:
+def _text_of(item: Any, where: str) -> str:
+    if isinstance(item, _Unparsable):
+        raise DataError(f"{where}: not valid JSON ({item.error}).")
     if isinstance(item, dict):
         item = next((item[key] for key in _TEXT_KEYS if key in item), None)
     if not isinstance(item, str) or not item.strip():
-        raise DataError(f"{path.name} record {index}: expected a string or an object with one of "
-                        f"{', '.join(map(repr, _TEXT_KEYS))}.")
+        raise DataError(f"{where}: expected a string or an object with one of {', '.join(map(repr, _TEXT_KEYS))}.")
     return item

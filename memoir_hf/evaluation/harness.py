@@ -13,8 +13,9 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
+import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,14 +57,23 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     ``calibration_texts`` (default: the generic prompts shipped with memoir_hf; never the test set).
     With ``checkpoint_dir``, the memory is saved every ``checkpoint_every`` edits and a rerun resumes.
     """
-    _check_arguments(method, edits, threshold, checkpoint_every)
+    _check_arguments(method, edits, threshold, checkpoint_every, out, plot)
     started = time.perf_counter()
     records = load_many(data, format, limit=edits, strict=strict_data)
+    if len(records) < edits:
+        warnings.warn(f"the data holds {len(records)} usable records, fewer than the {edits} edits asked for: "
+                      f"evaluating T = {len(records)}.", stacklevel=2)
+    if calibration_texts is not None:
+        calibration_texts = _without_run_prompts(calibration_texts, records)
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
     try:
         report = _edit_and_evaluate(memoir, records, method, threshold, checkpoint_dir, checkpoint_every, progress,
                                     calibration_texts)
+        # Same-subject records are contradicting versions of one question in ZsRE only: in CounterFact they
+        # are other relations of the subject, in the hallucination set successive sentences of one passage.
+        if format != "zsre":
+            report["by_conflict"] = None
     finally:
         memoir.unpatch()
     report.update({"model": model if isinstance(model, str) else type(base).__name__,
@@ -79,7 +89,8 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     return report
 
 
-def _check_arguments(method: str, edits: int, threshold: float | None, checkpoint_every: int) -> None:
+def _check_arguments(method: str, edits: int, threshold: float | None, checkpoint_every: int,
+                     out: str | os.PathLike | None, plot: str | os.PathLike | None) -> None:
     """Everything that can be refused is refused before the first (slow) edit."""
     if method not in METHODS:
         raise MemoirError(f"method must be one of {METHODS}, got {method!r}.")
@@ -91,6 +102,47 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
         raise MemoirError("ft-l has no routing, so no threshold: drop --threshold for --method ft-l.")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise MemoirConfigError(f"threshold must be in [0, 1], got {threshold}.")
+    for name, path in (("out", out), ("plot", plot)):
+        if path is not None:
+            _check_writable(name, Path(path))
+    if plot is not None and method == "ft-l":
+        raise MemoirError("ft-l has no routing, so no τ sweep to plot: drop --plot for --method ft-l.")
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MemoirError("--plot needs matplotlib: pip install matplotlib (or memoir-hf[plot]), "
+                              "or drop --plot.") from None
+
+
+def _check_writable(name: str, path: Path) -> None:
+    """The report or plot must be writable when the run ends, hours from now: make its folder now."""
+    if path.is_dir():
+        raise MemoirError(f"{name} {path} is a folder; give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MemoirError(f"cannot create the folder of {name} {path}: {error.strerror}.") from None
+    if not os.access(path.parent, os.W_OK):
+        raise MemoirError(f"cannot write {name} {path}: its folder is not writable.")
+
+
+def _without_run_prompts(texts: Sequence[str], records: Sequence[EvalRecord]) -> list[str]:
+    """Calibration texts minus the run's own prompts: calibrating on the test set would leak it.
+
+    A locality prompt is matched alone and followed by its answer (as WISE writes its irrelevant
+    samples), which is how ZsRE train loc prompts reappear when train records are edited too.
+    """
+    own = {r.prompt.strip() for r in records} | {r.rephrase.strip() for r in records if r.rephrase}
+    own |= {r.loc.strip() for r in records if r.loc} | {f"{r.loc} {r.loc_ans}".strip() for r in records if r.loc}
+    kept = [text for text in texts if text.strip() not in own]
+    if not kept:
+        raise MemoirError("every calibration text is a prompt of this run; calibrate on unrelated text (a train "
+                          "split's locality prompts, or none for the shipped generic prompts).")
+    if len(kept) < len(texts):
+        warnings.warn(f"{len(texts) - len(kept)} calibration text(s) are prompts of this run (its edit, rephrase "
+                      "or locality prompts) and were left out of the calibration.", stacklevel=3)
+    return kept
 
 
 def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], method: str, threshold: float | None,
@@ -113,7 +165,7 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
         "unedited": _metrics(scores, tau=2.0),
         "edit_success_rate": mean([float(r.success) for r in memoir.edits]),
         "seconds_per_edit": mean(seconds),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
         "by_conflict": _by_conflict(scores, records, tau),
         "sweep": [{"threshold": t, **_metrics(scores, t)} for t in SWEEP] if method == "memoir" else None,
@@ -121,6 +173,16 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
                     "platform": platform.platform()},
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process (None where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
@@ -139,7 +201,7 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
     memoir.memoir_config.keep_edit_deltas = False
     done = [(e.prompt, e.target) for e in memoir.edits]
     saved, wanted = (_run_settings(c) for c in (memoir.memoir_config, config))
-    if saved != wanted or done != [(r.prompt, r.target) for r in records[:len(done)]] or len(done) > len(records):
+    if saved != wanted or done != [(r.prompt, r.target) for r in records[:len(done)]]:
         memoir.unpatch()
         raise MemoirError(f"{checkpoint_dir} holds a run with other edits or settings (method, config or --edits); "
                           "resume with the same command, or use a fresh checkpoint_dir.")
@@ -153,17 +215,22 @@ def _run_settings(config: MemoirConfig) -> dict[str, Any]:
 
 def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_dir: str | os.PathLike | None,
                  checkpoint_every: int, progress: bool) -> list[float]:
-    seconds = [float(e.metadata.get("seconds", "nan")) for e in memoir.edits]
-    bar = tqdm(records[len(seconds):], desc="edits", unit="edit", initial=len(seconds), total=len(records),
-               disable=not progress)
+    """Edit the records not edited yet; the seconds of every edit that has them (resumed ones may not)."""
+    done = len(memoir.edits)
+    seconds = [float(e.metadata["seconds"]) for e in memoir.edits if "seconds" in e.metadata]
+    bar = tqdm(records[done:], desc="edits", unit="edit", initial=done, total=len(records), disable=not progress)
     for record in bar:
         result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
         if result.error is not None:
-            raise MemoirError(f"record {record.index} ({record.prompt!r}): {result.error}")
+            if checkpoint_dir is not None:
+                memoir.save_pretrained(checkpoint_dir)  # keep the edits since the last checkpoint
+            raise MemoirError(f"record {record.index} ({record.prompt!r}) could not be edited after {done} edits: "
+                              f"{result.error}. Change the settings, or leave the record out of the data.")
+        done += 1
         memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
         seconds.append(result.seconds)
         bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
-        if checkpoint_dir is not None and (len(seconds) % checkpoint_every == 0 or len(seconds) == len(records)):
+        if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == len(records)):
             memoir.save_pretrained(checkpoint_dir)
     return seconds
 
@@ -208,7 +275,9 @@ def _metrics(scores: _Scores, tau: float) -> dict[str, float]:
     metrics = {"rel": mean([token_accuracy(s.predicted, s.target) for s in rel]),
                "rel_ppl": mean([perplexity(s.token_nll) for s in rel])}
     if scores.routed["gen"]:
-        metrics["gen"] = mean([token_accuracy(s.predicted, s.target) for s in _chosen(scores, "gen", tau)])
+        gen = _chosen(scores, "gen", tau)
+        metrics["gen"] = mean([token_accuracy(s.predicted, s.target) for s in gen])
+        metrics["gen_ppl"] = mean([perplexity(s.token_nll) for s in gen])  # the temporal set's ood_ppl
     if scores.routed["loc"]:
         metrics["loc"] = mean([agreement(before.predicted, after.predicted)
                                for before, after in zip(scores.off["loc"], _chosen(scores, "loc", tau), strict=True)])
