@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The long runs of the results table: ZsRE T=1000 (paper's k, then k = 0.1), CounterFact T=1000,
 # hallucination T=600 on SmolLM2, ZsRE T=100 / T=1000 on Gemma-3-270M, then ZsRE beyond 1000
-# (T=2035). Hours on 2 CPU cores; every run checkpoints its memory every 50 edits under
-# benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose results
-# JSON exists is skipped).
+# (T=2035), then FT-L at T=1000. Hours on 2 CPU cores; every run checkpoints its memory every 50 edits
+# under benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose
+# results JSON exists is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -12,18 +12,7 @@ RESULTS=benchmarks/results
 # Irrelevant samples for threshold calibration, as WISE uses them: never the test set's own loc prompts.
 ZSRE_NEGATIVES=$DATA/ZsRE/zsre_mend_train_first1000_loc_prompts.RECONSTRUCTED.json
 
-evaluate() {  # name model data... format T [extra args...]
-  local name=$1 model=$2
-  shift 2
-  if [[ -f "$RESULTS/$name.json" ]]; then echo "$name: $RESULTS/$name.json exists, skipped (delete it to rerun)"; return; fi
-  local data=()
-  while [[ "$1" == *.json ]]; do data+=("$1"); shift; done
-  local format=$1 edits=$2
-  shift 2
-  memoir-hf eval --model "$model" --data "${data[@]}" --format "$format" --edits "$edits" --threads 2 \
-    --checkpoint-dir "benchmarks/checkpoints/$name" --checkpoint-every 50 \
-    --out "$RESULTS/$name.json" --plot "$RESULTS/${name}_sweep.png" "$@"
-}
+source benchmarks/evaluate.sh
 
 evaluate zsre_smollm2_memoir_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
@@ -43,3 +32,6 @@ evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" z
 evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
   "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
   --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
+# The baseline at T = 1000: fine-tuning the same down projection, no mask, no routing.
+evaluate zsre_smollm2_ftl_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --config configs/smollm2-135m.yaml --method ft-l
