@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The long runs of the results table: ZsRE T=1000 (paper's k, then k = 0.1), CounterFact T=1000,
-# hallucination T=600 on SmolLM2, ZsRE T=100 / T=1000 on Gemma-3-270M, then ZsRE beyond 1000
-# (T=2035), then FT-L at T=1000. Hours on 2 CPU cores; every run checkpoints its memory every 50 edits
-# under benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose
-# results JSON exists is skipped).
+# The long runs of the results table: on SmolLM2 ZsRE T=1000 (paper's k, then k = 0.1) and CounterFact
+# T=1000; ZsRE T=100 / T=1000 on Gemma-3-270M; FT-L at T=1000; ZsRE beyond 1000 (T=2035); hallucination
+# T=600. Hours on 2 CPU cores; every run checkpoints its memory every 50 edits under
+# benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose results
+# JSON exists is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
@@ -22,16 +22,17 @@ evaluate zsre_smollm2_memoir_sparse_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.jso
 # CounterFact and hallucination calibrate τ on the locality prompts of their own train split.
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
   --config configs/smollm2-135m.yaml --calibration-texts "$DATA/counterfact/counterfact-train.json"
-evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
-  --config configs/smollm2-135m.yaml --calibration-texts "$DATA/hallucination/hallucination-train.json"
 evaluate zsre_gemma3_memoir_T100 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 100 \
   --calibration-texts "$ZSRE_NEGATIVES"
 evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --calibration-texts "$ZSRE_NEGATIVES"
+# The baseline at T = 1000: fine-tuning the same down projection, no mask, no routing.
+evaluate zsre_smollm2_ftl_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --config configs/smollm2-135m.yaml --method ft-l
 # Beyond 1000: the 1,037 ZsRE edit records, then the 998 usable records of the ZsRE train subset.
 evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
   "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
   --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
-# The baseline at T = 1000: fine-tuning the same down projection, no mask, no routing.
-evaluate zsre_smollm2_ftl_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
-  --config configs/smollm2-135m.yaml --method ft-l
+# The longest run (prompts of ~150 tokens): last.
+evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
+  --config configs/smollm2-135m.yaml --calibration-texts "$DATA/hallucination/hallucination-train.json"
