@@ -10,13 +10,11 @@ Prints a table and writes benchmarks/results/mask_overlap.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from _common import markdown_table, write_report
 from safetensors.numpy import load_file
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def mask_statistics(checkpoint: Path) -> dict:
@@ -38,17 +36,14 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path)
     args = parser.parse_args()
     rows = [mask_statistics(path) for path in args.checkpoints]
-    print("| checkpoint | edits | k | chance overlap | mean overlap | p95 | edits a column: mean / p99 / max "
-          "| columns in > 1/2 / > 1/4 of masks |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {Path(r['checkpoint']).name} | {r['edits']} | {r['k']} | {r['chance_overlap']:.3f} | "
-              f"{r['mean_overlap']:.3f} | {r['p95_overlap']:.3f} | {r['edits_per_column_mean']:.0f} / "
-              f"{r['edits_per_column_p99']:.0f} / {r['edits_per_column_max']} | {r['columns_in_over_half']} / "
-              f"{r['columns_in_over_quarter']} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mask_overlap.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-
+    header = ["checkpoint", "edits", "k", "chance overlap", "mean overlap", "p95",
+              "edits a column: mean / p99 / max", "columns in > 1/2 / > 1/4 of masks"]
+    print(markdown_table(header, [
+        [Path(r["checkpoint"]).name, r["edits"], r["k"], f"{r['chance_overlap']:.3f}", f"{r['mean_overlap']:.3f}",
+         f"{r['p95_overlap']:.3f}",
+         f"{r['edits_per_column_mean']:.0f} / {r['edits_per_column_p99']:.0f} / {r['edits_per_column_max']}",
+         f"{r['columns_in_over_half']} / {r['columns_in_over_quarter']}"] for r in rows]))
+    write_report("mask_overlap", {"runs": rows})
 
 if __name__ == "__main__":
     main()

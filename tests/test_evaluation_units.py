@@ -751,7 +751,7 @@ def never_edit(monkeypatch) -> list:
 
     def spy(*args, **kwargs):
         calls.append(args)
-        return {"by_conflict": {"superseded_records": 0}, "sweep": None}
+        return {"sweep": None}
 
     monkeypatch.setattr(harness, "_edit_and_evaluate", spy)
     return calls
@@ -794,13 +794,13 @@ def test_run_warns_when_the_data_holds_fewer_records_than_asked(tmp_path, monkey
 
 
 @pytest.mark.parametrize("format, split", [("zsre", True), ("counterfact", False), ("hallucination", False)])
-def test_conflict_split_only_for_zsre(tmp_path, monkeypatch, format, split):
+def test_conflict_split_only_for_zsre(tmp_path, format, split):
     """Same-subject records contradict each other in ZsRE only (other relations in CounterFact,
     successive sentences of one passage in the hallucination set)."""
-    never_edit(monkeypatch)
+    _, _, config = tiny_run_inputs(tmp_path)
     data = write_rows(tmp_path, format, [ROW_MAKERS[format](0), ROW_MAKERS[format](1)])
     report = harness.run((make_tiny_model("llama"), make_byte_tokenizer()), data, format=format, edits=2,
-                         threshold=0.5, progress=False)
+                         config=config, threshold=0.5, progress=False)
     assert (report["by_conflict"] is not None) == split
 
 

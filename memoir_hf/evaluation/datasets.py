@@ -126,13 +126,16 @@ def _json_rows(path: Path) -> list[tuple[int, Any]]:
     return list(enumerate(data))
 
 
-def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
-    rows: list[tuple[int, Any]] = []
+def _utf8_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON line
+        return path.read_text(encoding="utf-8").split("\n")  # not splitlines: U+2028 may sit inside a JSON line
     except UnicodeDecodeError as error:
         raise DataError(f"{path} is not UTF-8 text: {error}") from None
-    for number, line in enumerate(lines):
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
+    rows: list[tuple[int, Any]] = []
+    for number, line in enumerate(_utf8_lines(path)):
         if not line.strip():
             continue
         try:
@@ -199,11 +202,7 @@ def load_texts(path: str | Path) -> list[str]:
         rows = _json_rows(path) if path.suffix == ".json" else _jsonl_rows(path)
         texts = [_text_of(item, _where(path, path.suffix[1:], i)) for i, item in rows]
     else:
-        try:
-            lines = path.read_text(encoding="utf-8").split("\n")
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path} is not UTF-8 text: {error}") from None
-        texts = [line.strip() for line in lines if line.strip()]
+        texts = [line.strip() for line in _utf8_lines(path) if line.strip()]
     if not texts:
         raise DataError(f"{path} holds no text.")
     return texts

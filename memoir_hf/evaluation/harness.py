@@ -68,12 +68,8 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
     try:
-        report = _edit_and_evaluate(memoir, records, method, threshold, checkpoint_dir, checkpoint_every, progress,
-                                    calibration_texts)
-        # Same-subject records are contradicting versions of one question in ZsRE only: in CounterFact they
-        # are other relations of the subject, in the hallucination set successive sentences of one passage.
-        if format != "zsre":
-            report["by_conflict"] = None
+        report = _edit_and_evaluate(memoir, records, format, method, threshold, checkpoint_dir, checkpoint_every,
+                                    progress, calibration_texts)
     finally:
         memoir.unpatch()
     report.update({"model": model if isinstance(model, str) else type(base).__name__,
@@ -145,9 +141,9 @@ def _without_run_prompts(texts: Sequence[str], records: Sequence[EvalRecord]) ->
     return kept
 
 
-def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], method: str, threshold: float | None,
-                       checkpoint_dir: str | os.PathLike | None, checkpoint_every: int, progress: bool,
-                       calibration_texts: Sequence[str] | None) -> dict[str, Any]:
+def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], format: str, method: str,
+                       threshold: float | None, checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
+                       progress: bool, calibration_texts: Sequence[str] | None) -> dict[str, Any]:
     seconds = _apply_edits(memoir, records, checkpoint_dir, checkpoint_every, progress)
     calibration = None
     if method == "memoir":
@@ -167,7 +163,9 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], metho
         "seconds_per_edit": mean(seconds),
         "peak_rss_mb": _peak_rss_mb(),
         "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
-        "by_conflict": _by_conflict(scores, records, tau),
+        # Same-subject records are contradicting versions of one question in ZsRE only: in CounterFact they
+        # are other relations of the subject, in the hallucination set successive sentences of one passage.
+        "by_conflict": _by_conflict(scores, records, tau) if format == "zsre" else None,
         "sweep": [{"threshold": t, **_metrics(scores, t)} for t in SWEEP] if method == "memoir" else None,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform()},
