@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ZsRE on SmolLM2-135M: MEMOIR at T = 1, 10, 100 (and 1000 with RUN_1000=1), FT-L at T = 10, 100, and
-# MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps.
+# MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps, and
+# with the standardized fingerprint (configs/smollm2-135m-standardized.yaml) at T = 100.
 # Each run checkpoints its memory under benchmarks/checkpoints/ and resumes if interrupted; a run whose
 # results JSON exists is skipped.
 set -euo pipefail
@@ -24,3 +25,6 @@ for RUN in sparse:30 sparse60:60; do  # results name : max_steps
   MEMOIR_MAX_STEPS=${RUN#*:} evaluate "zsre_smollm2_memoir_${RUN%:*}_T100" smollm2 "$DATA" zsre 100 \
     --config configs/smollm2-135m-sparse.yaml --calibration-texts "$NEGATIVES"
 done
+# The standardized fingerprint at the same k: fewer hub columns shared by every mask.
+evaluate zsre_smollm2_memoir_standardized_T100 smollm2 "$DATA" zsre 100 \
+  --config configs/smollm2-135m-standardized.yaml --calibration-texts "$NEGATIVES"

@@ -11,7 +11,11 @@ from typing import Any
 from .editing.inputs import valid_unicode
 from .errors import MemoirConfigError
 
-AGGREGATIONS = ("mean_minus_background", "mean", "last")
+AGGREGATIONS = ("mean_minus_background", "standardized", "mean", "last")
+DEFAULT_AGGREGATION = "mean_minus_background"  # the paper's
+MIN_SPREAD_TEXTS = 2
+STANDARDIZED_NEEDS_TEXTS = ("the standardized aggregation divides by each feature's spread over the background "
+                            f"prompts: give at least {MIN_SPREAD_TEXTS} (the 120 shipped ones when None).")
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 STRUCTURAL = ("layer", "top_k", "aggregation", "seed", "background_prompts")
 
@@ -39,8 +43,11 @@ class MemoirConfig:
     """Active columns per mask: an int, or a fraction of d_ff in (0, 1)."""
     threshold: float = 0.5
     """Routing threshold tau: a prompt uses the memory when its best mask overlap is >= tau."""
-    aggregation: str = "mean_minus_background"
-    """How the down projection inputs of the prompt tokens become one vector before top-k."""
+    aggregation: str = DEFAULT_AGGREGATION
+    """How the down projection inputs of the prompt tokens become one vector before top-k: their
+    ``mean``, the ``last`` token, the mean minus a background mean of unrelated text (the paper), or
+    that difference divided by each feature's spread over the unrelated text (``standardized``: keeps
+    features that are large for every prompt out of the masks)."""
     seed: int = 0
     """Seed of the fixed TopHash permutation."""
     learning_rate: float = 1.0
@@ -146,6 +153,9 @@ class MemoirConfig:
         ):
             raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings of valid "
                                     "Unicode, or None.")
+        if self.aggregation == "standardized" and self.background_prompts is not None and len(
+                self.background_prompts) < MIN_SPREAD_TEXTS:
+            raise MemoirConfigError(STANDARDIZED_NEEDS_TEXTS)
 
     def resolve_top_k(self, d_ff: int) -> int:
         """The number of active columns for a layer of width d_ff."""

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._version import __version__
 from .concurrency import SharedEvalMode, SharedExclusiveLock, exclusive, shared
-from .config import MemoirConfig
+from .config import MIN_SPREAD_TEXTS, STANDARDIZED_NEEDS_TEXTS, MemoirConfig
 from .editing.fact_files import fact_records
 from .editing.inputs import (
     EncodedFact,
@@ -41,7 +41,7 @@ from .feedback.learning import LearnReport, learn_from
 from .feedback.log import FeedbackLog
 from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
-from .fingerprint.tophash import TopHash
+from .fingerprint.tophash import BACKGROUND_AGGREGATIONS, TopHash
 from .generation import Answer, greedy_new_tokens
 from .management.consolidation import ConsolidationReport, consolidate
 from .management.search import matching_edits
@@ -110,7 +110,7 @@ class MemoirModel(nn.Module):
         try:
             if checkpoint is not None:
                 self._restore(checkpoint)
-            elif config.aggregation == "mean_minus_background":
+            elif config.aggregation in BACKGROUND_AGGREGATIONS:
                 self.compute_background(config.background_prompts or default_background_prompts())
         except BaseException:
             self.unpatch()
@@ -189,12 +189,14 @@ class MemoirModel(nn.Module):
 
     @exclusive
     def compute_background(self, texts: Sequence[str]) -> None:
-        """Recompute the background vector from these texts (only while the memory has no edit)."""
+        """Recompute the background and spread from these texts (only while the memory has no edit)."""
         self._check_patched()
         if len(self.store):
             raise MemoirError("the background can only be recomputed before the first edit: the stored masks "
                               "were computed with the current one.")
         texts = _text_list(texts, "compute_background needs a non-empty list of non-empty strings")
+        if self.memoir_config.aggregation == "standardized" and len(texts) < MIN_SPREAD_TEXTS:
+            raise MemoirError(STANDARDIZED_NEEDS_TEXTS)
         with self._inference_mode():
             compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash, texts)
 
@@ -496,7 +498,8 @@ class MemoirModel(nn.Module):
                     save_base_model(self.base_model, self.tokenizer, folder)
             write_checkpoint(folder, manifest=self._manifest(),
                              memory_weight=self._layer.memory_weight, permutation=self._layer.tophash.permutation,
-                             background=self._layer.tophash.background, store=self.store)
+                             background=self._layer.tophash.background, spread=self._layer.tophash.spread,
+                             store=self.store)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, checkpoint_directory: str | os.PathLike, tokenizer: Any = None, *,
@@ -539,6 +542,7 @@ class MemoirModel(nn.Module):
         layer.memory_weight.copy_(checkpoint.memory_weight.to(layer.memory_weight.device, layer.memory_weight.dtype))
         layer.tophash.permutation.copy_(checkpoint.permutation.to(layer.tophash.permutation.device))
         layer.tophash.background.copy_(checkpoint.background.to(layer.tophash.background.device))
+        layer.tophash.spread.copy_(checkpoint.spread.to(layer.tophash.spread.device))
         restore_store(checkpoint, self.store)
         self.prefixes = checkpoint.manifest.get("prefixes")
         self.base_model_source = checkpoint.manifest.get("base_model")

@@ -455,7 +455,7 @@ def padded_pair(real: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Ten
     return activations, token_mask
 
 
-@pytest.mark.parametrize("aggregation", ["mean", "mean_minus_background", "last"])
+@pytest.mark.parametrize("aggregation", ["mean", "mean_minus_background", "standardized", "last"])
 def test_tophash_ignores_padding(aggregation):
     torch.manual_seed(0)
     k = 20
@@ -468,12 +468,43 @@ def test_tophash_ignores_padding(aggregation):
     assert masks.sum(dim=1).tolist() == [k, k]
     assert torch.equal(masks[0], masks[1])
     # the mask is the top-k of the aggregated prompt tokens, through the permutation
-    vector = {"mean": real.mean(0), "last": real[-1], "mean_minus_background": real.mean(0) - tophash.background}
+    vector = {"mean": real.mean(0), "last": real[-1], "mean_minus_background": real.mean(0) - tophash.background,
+              "standardized": (real.mean(0) - tophash.background) / tophash.spread}
     expected = torch.zeros(D_FF, dtype=torch.bool)
     expected[tophash.permutation[vector[aggregation].abs().topk(k).indices]] = True
     assert torch.equal(masks[0], expected)
     # counting the padding would change the mask (row 1 ends in padding, so "last" would read garbage)
     assert not torch.equal(tophash(activations, torch.ones_like(token_mask))[1], masks[1])
+
+
+def test_standardized_ranks_features_by_how_unusual_the_prompt_makes_them():
+    """A feature that swings widely on any text (a hub) loses to one the prompt moves by several spreads."""
+    k = 1
+    background_texts = torch.randn(200, D_FF) * 0.1
+    background_texts[:, 0] *= 100  # feature 0 varies by ~10 on unrelated text
+    prompt = background_texts.mean(0).clone()
+    prompt[0] += 5.0  # half a spread: ordinary for feature 0
+    prompt[3] += 1.0  # ten spreads
+    activations, token_mask = prompt[None, None, :], torch.ones(1, 1)
+    chosen = {}
+    for aggregation in ("mean_minus_background", "standardized"):
+        tophash = TopHash(D_FF, k, aggregation, seed=0)
+        tophash.set_background(background_texts)
+        chosen[aggregation] = tophash.permutation.argsort()[tophash(activations, token_mask)[0]].tolist()
+    assert chosen == {"mean_minus_background": [0], "standardized": [3]}
+
+
+def test_spread_of_the_background():
+    tophash = TopHash(D_FF, 4, "standardized", seed=0)
+    texts = torch.randn(50, D_FF)
+    texts[:, 1] = 7.0  # never moves on the background texts
+    tophash.set_background(texts)
+    assert torch.allclose(tophash.background, texts.mean(0))
+    assert torch.allclose(tophash.spread[2:], texts.std(0)[2:])
+    # floored, so a constant feature cannot dominate every mask by a division by zero
+    assert tophash.spread[1] == pytest.approx(texts.std(0).max().item() * 1e-3)
+    tophash.set_background(texts[:1])  # one text has no spread
+    assert torch.equal(tophash.spread, torch.ones(D_FF)) and torch.equal(tophash.background, texts[0])
 
 
 def test_patched_tophash_ignores_padding():
@@ -544,6 +575,32 @@ def test_compute_background():
 def test_background_is_zero_without_background_aggregation():
     memoir, _ = make_patched(aggregation="mean")
     assert not memoir.layer.tophash.background.any()
+    assert torch.equal(memoir.layer.tophash.spread, torch.ones(D_FF))
+
+
+def test_standardized_aggregation_needs_two_background_texts():
+    with pytest.raises(MemoirConfigError, match="at least 2"):
+        small_config(aggregation="standardized", background_prompts=["only one"])
+    memoir, _ = make_patched(aggregation="standardized")
+    spread = memoir.layer.tophash.spread.clone()
+    with pytest.raises(MemoirError, match="at least 2"):
+        memoir.compute_background(["only one"])
+    assert torch.equal(memoir.layer.tophash.spread, spread)
+    memoir.compute_background(["one text", "another text"])
+    assert not torch.equal(memoir.layer.tophash.spread, spread)
+
+
+def test_standardized_memory_computes_its_spread_and_edits():
+    # a step at which every fact reaches its target through these masks on the random tiny model
+    memoir, _ = make_patched(aggregation="standardized", learning_rate=4.0, max_grad_norm=4.0)
+    tophash = memoir.layer.tophash
+    assert tophash.background.any() and (tophash.spread > 0).all()
+    assert not torch.equal(tophash.spread, torch.ones(D_FF))
+    for prompt, target in FACTS:
+        assert memoir.edit(prompt, target).success
+    with torch.no_grad():
+        memoir(**batch(FACTS[0][0], "Hi"))
+    assert [d.edit_id for d in memoir.routing] == [0, None]
 
 
 # -- index backends end to end --------------------------------------------------------------------

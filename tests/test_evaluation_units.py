@@ -977,8 +977,11 @@ def test_series_label_tells_mask_settings_apart():
 
     paper = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30}}
     sparse = {"method": "memoir", "memoir_config": {"top_k": 0.1, "max_steps": 60}}
+    standardized = {"method": "memoir", "memoir_config": {"top_k": 0.1, "max_steps": 60,
+                                                          "aggregation": "standardized"}}
     ft_l = {"method": "ft-l", "memoir_config": {"top_k": 1536, "max_steps": 30}}
-    assert [series_label(r) for r in (paper, sparse, ft_l)] == ["memoir", "memoir k=0.1, 60 steps", "ft-l"]
+    assert [series_label(r) for r in (paper, sparse, standardized, ft_l)] == [
+        "memoir", "memoir k=0.1, 60 steps", "memoir k=0.1, 60 steps standardized", "ft-l"]
 
 
 def test_plot_scaling_writes_png(tmp_path):

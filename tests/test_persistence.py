@@ -137,6 +137,7 @@ def same_state(a: MemoirModel, b: MemoirModel) -> None:
     assert torch.equal(a.layer.memory_weight, b.layer.memory_weight)
     assert torch.equal(a.layer.tophash.permutation, b.layer.tophash.permutation)
     assert torch.equal(a.layer.tophash.background, b.layer.tophash.background)
+    assert torch.equal(a.layer.tophash.spread, b.layer.tophash.spread)
     assert a.prefixes == b.prefixes
     assert a.store.next_id == b.store.next_id
 
@@ -225,11 +226,13 @@ def test_masks_and_memory_tensors(saved):
     assert manifest["masks_sha256"] == hashlib.sha256(codes.numpy().tobytes()).hexdigest()
     memory = load_file(folder / MEMORY_FILE)
     module = memoir.target.module_name
-    assert set(memory) == {f"{module}.memory_weight", f"{module}.tophash.permutation", f"{module}.tophash.background"}
+    assert set(memory) == {f"{module}.memory_weight", f"{module}.tophash.permutation", f"{module}.tophash.background",
+                           f"{module}.tophash.spread"}
     assert torch.equal(memory[f"{module}.memory_weight"], memoir.layer.memory_weight)
     assert memory[f"{module}.memory_weight"].any()
     assert torch.equal(memory[f"{module}.tophash.permutation"], memoir.layer.tophash.permutation)
     assert torch.equal(memory[f"{module}.tophash.background"], memoir.layer.tophash.background)
+    assert torch.equal(memory[f"{module}.tophash.spread"], memoir.layer.tophash.spread)
 
 
 def test_index_file_is_a_faiss_index_of_the_masks(saved):
@@ -288,18 +291,64 @@ def test_round_trip_into_a_fresh_model(model_type, tmp_path):
 
 
 def test_tophash_state_comes_from_the_checkpoint(saved, copy_of):
-    """Permutation and background are read from the file, not recomputed from the seed and the model."""
+    """Permutation, background and spread are read from the file, not recomputed from the seed and the model."""
     module = saved.memoir.target.module_name
     path = copy_of / MEMORY_FILE
     tensors = load_file(path)
     permutation = tensors[f"{module}.tophash.permutation"].roll(1)
     background = tensors[f"{module}.tophash.background"] * 2 + 1
-    save_file({**tensors, f"{module}.tophash.permutation": permutation, f"{module}.tophash.background": background},
-              path)
+    spread = tensors[f"{module}.tophash.spread"] * 3
+    save_file({**tensors, f"{module}.tophash.permutation": permutation, f"{module}.tophash.background": background,
+               f"{module}.tophash.spread": spread}, path)
     loaded = attach(copy_of)
     assert torch.equal(loaded.layer.tophash.permutation, permutation)
     assert torch.equal(loaded.layer.tophash.background, background)
+    assert torch.equal(loaded.layer.tophash.spread, spread)
     assert torch.equal(loaded.layer.memory_weight, saved.memoir.layer.memory_weight)
+
+
+def test_standardized_memory_round_trip(tmp_path):
+    memoir = make_memoir(aggregation="standardized")
+    spread = memoir.layer.tophash.spread
+    assert (spread > 0).all() and not torch.equal(spread, torch.ones_like(spread))
+    memoir.save_pretrained(tmp_path / "ckpt")
+    loaded = attach(tmp_path / "ckpt")
+    same_state(memoir, loaded)
+    inputs = probe_inputs()
+    logits, routing = run(memoir, inputs)
+    loaded_logits, loaded_routing = run(loaded, inputs)
+    assert routed_ids(loaded_routing) == [0, 1, 2, None, None]
+    assert torch.equal(loaded_logits, logits) and loaded_routing == routing
+
+
+def without_spread(folder: Path, module: str) -> None:
+    tensors = load_file(folder / MEMORY_FILE)
+    del tensors[f"{module}.tophash.spread"]
+    save_file(tensors, folder / MEMORY_FILE)
+
+
+def test_checkpoint_from_before_the_spread_loads(saved, copy_of):
+    """Checkpoints written before the spread existed hold none; their aggregation never divides by it."""
+    without_spread(copy_of, saved.memoir.target.module_name)
+    loaded = attach(copy_of)
+    assert torch.equal(loaded.layer.tophash.spread, torch.ones(D_FF))
+    logits, routing = run(loaded, probe_inputs())
+    assert torch.equal(logits, saved.logits) and routing == saved.routing
+
+
+def test_standardized_checkpoint_needs_its_spread(tmp_path):
+    memoir = make_memoir(aggregation="standardized", facts=FACTS[:1])
+    module = memoir.target.module_name
+    folder = tmp_path / "ckpt"
+    memoir.save_pretrained(folder)
+    tensors = load_file(folder / MEMORY_FILE)
+    for bad in (torch.zeros(D_FF), torch.full((D_FF,), float("nan")), -torch.ones(D_FF)):
+        save_file({**tensors, f"{module}.tophash.spread": bad}, folder / MEMORY_FILE)
+        with pytest.raises(CheckpointError, match="positive and finite"):
+            attach(folder)
+    without_spread(folder, module)
+    with pytest.raises(CheckpointError, match="tophash.spread"):
+        attach(folder)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

@@ -6,10 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import DEFAULT_TOP_K
+from ..config import DEFAULT_AGGREGATION, DEFAULT_TOP_K
 from ..errors import MemoirError
 
 _CURVES = (("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"))
+_LINES = ("-", ":", "--", "-.", (0, (1, 3)), (0, (5, 1)))
+_MARKERS = "osD^vP"
 
 
 def _pyplot():
@@ -49,7 +51,7 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
         series.setdefault(series_label(report), []).append(report)
     for number, (name, rows) in enumerate(sorted(series.items(), key=lambda item: item[0] != "memoir")):
         rows.sort(key=lambda r: r["edits"])
-        style = {"linestyle": ("-", ":", "--", "-.")[number % 4], "marker": "osD^"[number % 4]}
+        style = {"linestyle": _LINES[number % len(_LINES)], "marker": _MARKERS[number % len(_MARKERS)]}
         for colour, (key, label) in enumerate(_CURVES):
             if key in rows[0]["metrics"]:
                 axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], color=f"C{colour}",
@@ -63,8 +65,14 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
 
 
 def series_label(report: dict[str, Any]) -> str:
-    """The method, and for MEMOIR runs off the paper's k the mask size and step budget that tell them apart."""
+    """The method, and for MEMOIR runs off the paper's settings the mask size, step budget and aggregation
+    that tell them apart."""
     config = report.get("memoir_config") or {}
-    if report["method"] != "memoir" or config.get("top_k", DEFAULT_TOP_K) == DEFAULT_TOP_K:
+    if report["method"] != "memoir":
         return report["method"]
-    return f"memoir k={config['top_k']:g}, {config.get('max_steps')} steps"
+    parts = ["memoir"]
+    if config.get("top_k", DEFAULT_TOP_K) != DEFAULT_TOP_K:
+        parts.append(f"k={config['top_k']:g}, {config.get('max_steps')} steps")
+    if config.get("aggregation", DEFAULT_AGGREGATION) != DEFAULT_AGGREGATION:
+        parts.append(config["aggregation"])
+    return " ".join(parts)

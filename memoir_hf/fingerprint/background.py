@@ -25,7 +25,7 @@ def default_background_prompts() -> list[str]:
 def compute_background(
     model: nn.Module, tokenizer, layer: MemoirLayer, tophash: TopHash, texts: Sequence[str]
 ) -> None:
-    """Set ``tophash.background`` to the mean over ``texts`` of their prompt-mean activations."""
+    """Set ``tophash.background`` and ``spread`` from the prompt-mean activations of ``texts``."""
     rows = [tokenizer(text)["input_ids"] for text in texts]
     batches = down_proj_inputs_in_batches(model, layer, rows, pad_id=pad_token_id(tokenizer), batch_size=BATCH_SIZE)
     tophash.set_background(torch.cat([mean_over_tokens(a.float(), mask.float()) for a, mask in batches]))

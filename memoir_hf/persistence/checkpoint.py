@@ -4,7 +4,8 @@ Files (all written by :func:`write_checkpoint`, read and checked by :func:`read_
 
 - ``memoir_config.json``: format and library version, the MemoirConfig, the patched target, the
   base-model fingerprint, the generated prefixes, the next edit id, a checksum of the masks.
-- ``memoir_memory.safetensors``: W_m of the patched layer, the TopHash permutation and background.
+- ``memoir_memory.safetensors``: W_m of the patched layer, the TopHash permutation, background and
+  spread (checkpoints from before the spread existed load with a spread of ones).
 - ``memoir_masks.safetensors``: the packed bit masks and their edit ids.
 - ``memoir_index.faiss``: the FAISS binary index, a cache of the masks (rebuilt if stale).
 - ``memoir_edits.jsonl``: one JSON line an edit.
@@ -61,6 +62,7 @@ class Checkpoint:
     memory_weight: torch.Tensor
     permutation: torch.Tensor
     background: torch.Tensor
+    spread: torch.Tensor
     codes: np.ndarray
     records: list[EditRecord]
     deltas: dict[int, EditDelta]
@@ -80,11 +82,13 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 
 def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: torch.Tensor,
-                     permutation: torch.Tensor, background: torch.Tensor, store: EditStore) -> None:
+                     permutation: torch.Tensor, background: torch.Tensor, spread: torch.Tensor,
+                     store: EditStore) -> None:
     """Write the six files into ``folder`` (normally a temporary folder; see atomic_folder)."""
     module = manifest["target"]["module_name"]
     save_file({f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
-               f"{module}.tophash.background": _cpu(background)}, folder / MEMORY_FILE,
+               f"{module}.tophash.background": _cpu(background), f"{module}.tophash.spread": _cpu(spread)},
+              folder / MEMORY_FILE,
               metadata={"format_version": str(FORMAT_VERSION)})
     edit_ids = torch.tensor([record.edit_id for record in store.records], dtype=torch.int64)
     save_file({"codes": torch.from_numpy(store.index.codes.copy()), "edit_ids": edit_ids}, folder / MASKS_FILE,
@@ -119,6 +123,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     weight = _tensor(memory, f"{module}.memory_weight", (d_model, d_ff), folder / MEMORY_FILE)
     permutation = _tensor(memory, f"{module}.tophash.permutation", (d_ff,), folder / MEMORY_FILE)
     background = _tensor(memory, f"{module}.tophash.background", (d_ff,), folder / MEMORY_FILE)
+    spread = _spread(memory, f"{module}.tophash.spread", d_ff, config, folder / MEMORY_FILE)
     codes, edit_ids = _read_masks(folder / MASKS_FILE, d_ff, manifest)
     records = _read_edits(folder / EDITS_FILE)
     if [record.edit_id for record in records] != edit_ids.tolist():
@@ -131,7 +136,8 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder / CONFIG_FILE}: removed_edits must be a list of edit records; the file is "
                               "corrupt.")
     removed = [_record(values, f"{folder / CONFIG_FILE} removed_edits[{i}]") for i, values in enumerate(removed_values)]
-    return Checkpoint(folder, manifest, config, weight, permutation, background, codes, records, deltas, removed)
+    return Checkpoint(folder, manifest, config, weight, permutation, background, spread, codes, records, deltas,
+                      removed)
 
 
 def restore_store(checkpoint: Checkpoint, store: EditStore) -> None:
@@ -191,6 +197,16 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], 
     if tuple(tensors[key].shape) != shape:
         raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}.")
     return tensors[key]
+
+
+def _spread(tensors: dict[str, torch.Tensor], key: str, d_ff: int, config: MemoirConfig, path: Path) -> torch.Tensor:
+    """The saved spread; a checkpoint written before the spread existed has none and divides by one."""
+    if key in tensors or config.aggregation == "standardized":
+        spread = _tensor(tensors, key, (d_ff,), path)
+        if not bool((spread > 0).all()) or not bool(spread.isfinite().all()):
+            raise CheckpointError(f"{path}: {key} must be positive and finite; the file is corrupt.")
+        return spread
+    return torch.ones(d_ff, dtype=torch.float32)
 
 
 def _read_masks(path: Path, d_ff: int, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
