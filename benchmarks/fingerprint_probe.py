@@ -26,8 +26,8 @@ from _common import machine, markdown_table, parse_args, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/ZsRE/zsre_mend_edit.json"
-VARIANTS = [("mean_minus_background", 0.2857), ("standardized", 0.2857), ("mean_minus_background", 0.1),
-            ("standardized", 0.1)]
+AGGREGATIONS = ("mean_minus_background", "standardized")
+SPARSE_TOP_K = 0.1
 
 
 def prompt_activations(memoir, texts: list[str]):
@@ -87,6 +87,7 @@ def main() -> None:
     args = parse_args(parser, name="fingerprint_probe", threads=2)
 
     import memoir_hf
+    from memoir_hf.config import DEFAULT_TOP_K
     from memoir_hf.evaluation import load_records
     from memoir_hf.fingerprint.background import default_background_prompts
     from memoir_hf.offline_models import load_builtin
@@ -100,7 +101,7 @@ def main() -> None:
     locs, _ = prompt_activations(memoir, [r.loc for r in records])
     d_ff = edits.shape[1]
     runs = [probe(aggregation, round(fraction * d_ff), background, edits, rephrases, locs, last_tokens)
-            for aggregation, fraction in VARIANTS]
+            for fraction in (DEFAULT_TOP_K, SPARSE_TOP_K) for aggregation in AGGREGATIONS]
     header = ["aggregation", "k", "mean overlap (chance)", "columns in > 1/2 of masks", "τ (99% loc out)",
               "rephrases routed right", "interference (median)", "norm kept (median)"]
     print(markdown_table(header, [

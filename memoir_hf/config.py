@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +15,6 @@ from .errors import MemoirConfigError
 AGGREGATIONS = ("mean_minus_background", "standardized", "mean", "last")
 DEFAULT_AGGREGATION = "mean_minus_background"  # the paper's
 MIN_SPREAD_TEXTS = 2
-STANDARDIZED_NEEDS_TEXTS = ("the standardized aggregation divides by each feature's spread over the background "
-                            f"prompts: give at least {MIN_SPREAD_TEXTS} (the 120 shipped ones when None).")
 AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 STRUCTURAL = ("layer", "top_k", "aggregation", "seed", "background_prompts")
 
@@ -153,9 +152,7 @@ class MemoirConfig:
         ):
             raise MemoirConfigError("background_prompts must be a non-empty list of non-empty strings of valid "
                                     "Unicode, or None.")
-        if self.aggregation == "standardized" and self.background_prompts is not None and len(
-                self.background_prompts) < MIN_SPREAD_TEXTS:
-            raise MemoirConfigError(STANDARDIZED_NEEDS_TEXTS)
+        check_spread_texts(self.aggregation, self.background_prompts)
 
     def resolve_top_k(self, d_ff: int) -> int:
         """The number of active columns for a layer of width d_ff."""
@@ -164,6 +161,17 @@ class MemoirConfig:
             raise MemoirConfigError(f"top_k={self.top_k!r} gives k={k} columns, but the layer has d_ff={d_ff}; "
                                     f"use an int in [1, {d_ff}] or a fraction in (0, 1).")
         return k
+
+
+def check_spread_texts(aggregation: str, texts: Sequence[str] | None) -> None:
+    """The standardized aggregation divides by a spread over the background texts: it needs different ones."""
+    if aggregation != "standardized" or texts is None:
+        return
+    distinct = len(set(texts))
+    if distinct < MIN_SPREAD_TEXTS:
+        raise MemoirConfigError(f"the standardized aggregation divides by each feature's spread over the background "
+                                f"prompts, which needs at least {MIN_SPREAD_TEXTS} different texts; got {distinct}. "
+                                "Give more background_prompts, or None for the ones shipped with memoir_hf.")
 
 
 def _as_tuple(name: str, value: Any) -> tuple | None:

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._version import __version__
 from .concurrency import SharedEvalMode, SharedExclusiveLock, exclusive, shared
-from .config import MIN_SPREAD_TEXTS, STANDARDIZED_NEEDS_TEXTS, MemoirConfig
+from .config import MemoirConfig, check_spread_texts
 from .editing.fact_files import fact_records
 from .editing.inputs import (
     EncodedFact,
@@ -195,8 +195,7 @@ class MemoirModel(nn.Module):
             raise MemoirError("the background can only be recomputed before the first edit: the stored masks "
                               "were computed with the current one.")
         texts = _text_list(texts, "compute_background needs a non-empty list of non-empty strings")
-        if self.memoir_config.aggregation == "standardized" and len(texts) < MIN_SPREAD_TEXTS:
-            raise MemoirError(STANDARDIZED_NEEDS_TEXTS)
+        check_spread_texts(self.memoir_config.aggregation, texts)
         with self._inference_mode():
             compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash, texts)
 

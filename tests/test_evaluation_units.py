@@ -981,7 +981,7 @@ def test_series_label_tells_mask_settings_apart():
                                                           "aggregation": "standardized"}}
     ft_l = {"method": "ft-l", "memoir_config": {"top_k": 1536, "max_steps": 30}}
     assert [series_label(r) for r in (paper, sparse, standardized, ft_l)] == [
-        "memoir", "memoir k=0.1, 60 steps", "memoir k=0.1, 60 steps standardized", "ft-l"]
+        "memoir", "memoir k=0.1, 60 steps", "memoir k=0.1, 60 steps, standardized", "ft-l"]
 
 
 def test_plot_scaling_writes_png(tmp_path):

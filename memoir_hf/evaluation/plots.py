@@ -70,9 +70,9 @@ def series_label(report: dict[str, Any]) -> str:
     config = report.get("memoir_config") or {}
     if report["method"] != "memoir":
         return report["method"]
-    parts = ["memoir"]
+    parts = []
     if config.get("top_k", DEFAULT_TOP_K) != DEFAULT_TOP_K:
         parts.append(f"k={config['top_k']:g}, {config.get('max_steps')} steps")
     if config.get("aggregation", DEFAULT_AGGREGATION) != DEFAULT_AGGREGATION:
         parts.append(config["aggregation"])
-    return " ".join(parts)
+    return f"memoir {', '.join(parts)}" if parts else "memoir"

@@ -7,7 +7,8 @@ from torch import nn
 
 BACKGROUND_AGGREGATIONS = ("mean_minus_background", "standardized")
 """Aggregations that subtract the background, which is then computed when a model is patched."""
-SPREAD_FLOOR = 1e-3
+SPREAD_FLOOR = 0.1
+"""Fraction of the median spread below which no feature's spread is taken."""
 
 
 class TopHash(nn.Module):
@@ -64,8 +65,8 @@ class TopHash(nn.Module):
     def set_background(self, prompt_means: torch.Tensor) -> None:
         """Background and spread = mean and standard deviation of the prompt means of unrelated texts.
 
-        The spread of a feature is floored at a thousandth of the largest spread, so that a feature
-        that never moves on the background texts cannot dominate every mask.
+        The spread of a feature is floored at a tenth of the median spread, so that a feature that
+        barely moves on the background texts cannot win every mask on a tiny shift.
         """
         prompt_means = prompt_means.float()
         self.background.copy_(prompt_means.mean(dim=0).to(self.background.device))
@@ -73,7 +74,8 @@ class TopHash(nn.Module):
             self.spread.fill_(1.0)
             return
         spread = prompt_means.std(dim=0)
-        self.spread.copy_(spread.clamp_min(float(spread.max()) * SPREAD_FLOOR).clamp_min(1e-12).to(self.spread.device))
+        floor = max(float(spread.median()) * SPREAD_FLOOR, 1e-12)
+        self.spread.copy_(spread.clamp_min(floor).to(self.spread.device))
 
 
 def mean_over_tokens(activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
