@@ -45,5 +45,6 @@ def main() -> None:
          f"{r['columns_in_over_half']} / {r['columns_in_over_quarter']}"] for r in rows]))
     write_report("mask_overlap", {"runs": rows})
 
+
 if __name__ == "__main__":
     main()

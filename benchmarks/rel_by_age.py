@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import mean
 
 from _common import RESULTS, markdown_table, parse_args, write_report
 
@@ -33,13 +34,16 @@ def rel_by_block(checkpoint: Path, model_name: str, block: int) -> dict:
         raise SystemExit(f"{checkpoint} holds no edit.")
     scored = score_pairs(memoir, [(e.prompt, e.target) for e in edits])
     accuracy = [token_accuracy(s.predicted, s.target) for s in scored]
-    blocks = [accuracy[start:start + block] for start in range(0, len(accuracy), block)]
     return {"checkpoint": str(checkpoint), "edits": len(accuracy), "block": block,
             "own_edit": sum(s.routing is not None and s.routing.edit_id == e.edit_id
                             for s, e in zip(scored, edits, strict=True)),
-            "rel": sum(accuracy) / len(accuracy), "rel_by_block": [sum(b) / len(b) for b in blocks],
-            "written_right_by_block": [sum(e.success for e in edits[start:start + block]) / len(b)
-                                       for start, b in zip(range(0, len(accuracy), block), blocks, strict=True)]}
+            "rel": mean(accuracy), "rel_by_block": block_means(accuracy, block),
+            "written_right_by_block": block_means([float(e.success) for e in edits], block)}
+
+
+def block_means(values: list[float], block: int) -> list[float]:
+    """Mean of each run of ``block`` consecutive values (the last run may be shorter)."""
+    return [mean(values[start:start + block]) for start in range(0, len(values), block)]
 
 
 def main() -> None:
