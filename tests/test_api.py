@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import inspect
 
 import pytest
 import torch
+import transformers
 from conftest import fast_config
 from tiny_models import MAX_POSITIONS, PAD_ID, make_byte_tokenizer, make_tiny_model
 from torch import nn
@@ -749,17 +751,25 @@ def test_prompt_mask_of_the_wrong_shape_is_refused():
         memoir(input_ids=ids, prompt_mask=torch.ones(1, ids.shape[1] - 1))
 
 
-def test_an_edit_leaves_the_cached_decoding_decision_alone():
+def cache_keywords() -> list[str]:
+    """The keywords the installed transformers takes a KV cache by (5.24 renamed past_key_values to cache and
+    still takes the old name)."""
+    names = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return ["past_key_values"] + (["cache"] if "cache" in names else [])
+
+
+@pytest.mark.parametrize("keyword", cache_keywords())
+def test_an_edit_leaves_the_cached_decoding_decision_alone(keyword):
     memoir, tok = _patched()
     memoir.edit("The cat sat on the", "mat")
     ids = torch.tensor([tok("Quantum fields fluctuate")["input_ids"]])
     with torch.no_grad():
         out = memoir(input_ids=ids, use_cache=True)
     before = memoir.routing
-    memoir.edit("Bob likes to eat", "figs")
+    memoir.edit("Bob likes to eat", "figs")  # here as near to the prompt as the first edit: a new decision picks it
     assert memoir.routing == before and memoir.router._call.routed is None
     with torch.no_grad():
-        memoir(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        memoir(input_ids=ids[:, -1:], use_cache=True, **{keyword: out.past_key_values})
     assert memoir.routing == before
 
 

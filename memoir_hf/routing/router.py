@@ -65,6 +65,8 @@ class Router:
         self.store = store
         self.config = config
         self._signature = _forward_signature(model)
+        self._var_keyword = [] if self._signature is None else [
+            name for name, parameter in self._signature.parameters.items() if parameter.kind is parameter.VAR_KEYWORD]
         self._call = _CallState()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class Router:
         if self._call.in_generation:  # the first step of generate decides, whatever cache it was given
             self._call.prompt_pass = not self._call.generation_decided
         else:
-            self._call.prompt_pass = _cache_is_empty(arguments.get("past_key_values"))
+            self._call.prompt_pass = _cache_is_empty(_cache_argument(arguments))
         if self._call.prompt_pass:
             explicit = self._call.explicit_prompt_mask
             if explicit is not None and (explicit.dim() != 2 or (isinstance(inputs, torch.Tensor)
@@ -178,12 +180,16 @@ class Router:
         return mask.to(activations.device)
 
     def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, with those a ``**kwargs`` parameter caught among them."""
         if self._signature is None:
             return kwargs
         try:
-            return self._signature.bind_partial(*args, **kwargs).arguments
+            arguments = dict(self._signature.bind_partial(*args, **kwargs).arguments)
         except TypeError:
             return kwargs
+        for name in self._var_keyword:
+            arguments = {**arguments.pop(name, {}), **arguments}
+        return arguments
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature | None:
@@ -191,6 +197,14 @@ def _forward_signature(model: nn.Module) -> inspect.Signature | None:
         return inspect.signature(model.forward)
     except (TypeError, ValueError):
         return None
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params")
+"""Names the KV cache goes by in forward calls: transformers 5.24 renamed past_key_values to cache."""
+
+
+def _cache_argument(arguments: dict[str, Any]) -> Any:
+    return next((arguments[name] for name in CACHE_ARGUMENTS if arguments.get(name) is not None), None)
 
 
 def _cache_is_empty(past_key_values: Any) -> bool:
