@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ def _checked(values: dict[str, Any], *, source: str) -> dict[str, Any]:
     return values
 
 
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 (an exponent without a dot) as text; settings files read it as the number, as YAML 1.2."""
+
+
+_SettingsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping of settings in a YAML file (``.json`` files are read as JSON)."""
     path = Path(path)
@@ -55,7 +65,7 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise MemoirConfigError(f"cannot read the settings file {path}: {error}") from None
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        values = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SettingsLoader)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise MemoirConfigError(f"{path} is not a valid {'JSON' if path.suffix == '.json' else 'YAML'} file: "
                                 f"{error}") from None

@@ -115,3 +115,11 @@ def test_empty_file_means_defaults_and_json_is_still_read(tmp_path):
 def test_yaml_lists_become_tuples(tmp_path):
     config = load_config(write(tmp_path / "c.yaml", "prefix_starts: [A, B]\nprefix_lengths: [3]\n"), environ={})
     assert config.prefix_starts == ("A", "B") and config.prefix_lengths == (3,)
+
+
+def test_yaml_reads_exponent_numbers_without_a_dot_as_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-5 as text; a setting written that way must still be the number."""
+    text = "weight_decay: 1e-5\nlearning_rate: 3E+0\nprotect_earlier_edits: 1e-2\nthreshold: .5\n"
+    config = load_config(write(tmp_path / "c.yaml", text), environ={})
+    assert (config.weight_decay, config.learning_rate, config.protect_earlier_edits, config.threshold) == \
+        (1e-5, 3.0, 0.01, 0.5)
