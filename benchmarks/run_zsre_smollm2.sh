@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ZsRE on SmolLM2-135M: MEMOIR at T = 1, 10, 100 (and 1000 with RUN_1000=1), FT-L at T = 10, 100, and
-# MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps, and
-# with the standardized fingerprint (configs/smollm2-135m-standardized.yaml) at T = 100.
+# MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps, with
+# the standardized fingerprint (configs/smollm2-135m-standardized.yaml) and with the protected write
+# (configs/smollm2-135m-protect.yaml) at T = 100.
 # Each run checkpoints its memory under benchmarks/checkpoints/ and resumes if interrupted; a run whose
 # results JSON exists is skipped.
 set -euo pipefail
@@ -28,3 +29,6 @@ done
 # The standardized fingerprint at the same k: fewer hub columns shared by every mask.
 evaluate zsre_smollm2_memoir_standardized_T100 smollm2 "$DATA" zsre 100 \
   --config configs/smollm2-135m-standardized.yaml --calibration-texts "$NEGATIVES"
+# The protected write: each edit's steps avoid what earlier edits' tokens read.
+evaluate zsre_smollm2_memoir_protect_T100 smollm2 "$DATA" zsre 100 \
+  --config configs/smollm2-135m-protect.yaml --calibration-texts "$NEGATIVES"

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from memoir_hf.config import DEFAULT_AGGREGATION
+from memoir_hf.evaluation.plots import write_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ("model", "format", "method", "k/d_ff, lr, steps", "T", "τ", "Rel", "Gen", "Loc", "success", "s/edit",
@@ -26,12 +26,10 @@ def load_reports(folder: Path = RESULTS) -> list[dict]:
 
 def settings(report: dict) -> str:
     """The settings that set runs of one method apart: mask size (fraction of d_ff, or columns), lr, steps,
-    and the aggregation when it is not the paper's."""
+    and the aggregation and write protection when they are not the paper's."""
     config = report["memoir_config"]
     top_k = config["top_k"] if isinstance(config["top_k"], int) else format(config["top_k"], ".3g")
-    aggregation = config.get("aggregation", DEFAULT_AGGREGATION)
-    other = "" if aggregation == DEFAULT_AGGREGATION else f", {aggregation}"
-    return f"{top_k}, {config['learning_rate']:g}, {config['max_steps']}{other}"
+    return ", ".join([f"{top_k}, {config['learning_rate']:g}, {config['max_steps']}", *write_settings(config)])
 
 
 def row(report: dict) -> list[str]:

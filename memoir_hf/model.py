@@ -45,6 +45,7 @@ from .fingerprint.tophash import BACKGROUND_AGGREGATIONS, TopHash
 from .generation import Answer, greedy_new_tokens
 from .management.consolidation import ConsolidationReport, consolidate
 from .management.search import matching_edits
+from .memory.earlier_keys import EarlierKeys
 from .memory.layer import MemoirLayer
 from .memory.store import EditDelta, EditRecord, EditStore, utc_now
 from .patching.dispatch import loaded_weight
@@ -98,6 +99,8 @@ class MemoirModel(nn.Module):
         self.store = store
         self.router = Router(model, layer.tophash, store, config)
         self.prefixes: list[str] | None = None
+        self.earlier_keys: EarlierKeys | None = None
+        """Second moment of the tokens of the edits written with ``protect_earlier_edits`` > 0."""
         self.base_model_source: str | None = None
         """How to load the base model again (a built-in name, folder or Hub id), saved in the checkpoint
         so that ``memoir-hf`` commands need no ``--model``; set by whoever loaded the model."""
@@ -354,22 +357,25 @@ class MemoirModel(nn.Module):
             mask = self._fingerprint(encoded.prompt_ids)
             columns = mask.nonzero().squeeze(1)
             batch = self._edit_batch(fact.prompt, encoded, self._context_length)
+            earlier = self._earlier_keys().restricted_to(columns) if self._protects_earlier_edits else None
             with self._frozen_prefix(batch):
                 outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config,
-                                        all_positions=self.edit_path == "naive")
+                                        all_positions=self.edit_path == "naive", earlier_keys=earlier)
         if not _finite_in(outcome.columns_value, self._layer.memory_weight.dtype):
             return EditResult(None, False, outcome.loss, outcome.steps, time.perf_counter() - start, 0.0, None,
                               error=f"the optimisation produced values that are not finite in "
                                     f"{self._layer.memory_weight.dtype} (NaN or inf); nothing was written. Lower "
                                     "learning_rate or max_grad_norm, or edit in float32.")
-        record = self._commit(fact, mask, columns, outcome)
+        record = self._commit(fact, mask, columns, outcome, batch.attention_mask)
         accuracy, routed = self._check_edit(encoded)
         record.success = accuracy == 1.0
         return EditResult(record.edit_id, record.success, outcome.loss, outcome.steps,
                           time.perf_counter() - start, accuracy, routed)
 
-    def _commit(self, fact: Fact, mask: torch.Tensor, columns: torch.Tensor, outcome: TrainOutcome) -> EditRecord:
-        """Write the trained columns into W_m and store the edit, all or nothing."""
+    def _commit(self, fact: Fact, mask: torch.Tensor, columns: torch.Tensor, outcome: TrainOutcome,
+                attention_mask: torch.Tensor) -> EditRecord:
+        """Write the trained columns into W_m and store the edit (and its keys, when they are kept), all or nothing."""
+        keys = EarlierKeys.moment(outcome.inputs, attention_mask, mask) if self._protects_earlier_edits else None
         before = self._layer.memory_weight[:, columns].detach().clone()
         record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
                             loss=outcome.loss)
@@ -383,7 +389,18 @@ class MemoirModel(nn.Module):
         except BaseException:
             self._layer.write_columns(columns, before)
             raise
+        if keys is not None:
+            self._earlier_keys().add(keys)
         return record
+
+    @property
+    def _protects_earlier_edits(self) -> bool:
+        return self.memoir_config.protect_earlier_edits > 0
+
+    def _earlier_keys(self) -> EarlierKeys:
+        if self.earlier_keys is None:
+            self.earlier_keys = EarlierKeys(self.target.d_ff, device=self._layer.device)
+        return self.earlier_keys
 
     def _fingerprint(self, prompt_ids: list[int]) -> torch.Tensor:
         return self._fingerprints([prompt_ids])[0]
@@ -498,7 +515,7 @@ class MemoirModel(nn.Module):
             write_checkpoint(folder, manifest=self._manifest(),
                              memory_weight=self._layer.memory_weight, permutation=self._layer.tophash.permutation,
                              background=self._layer.tophash.background, spread=self._layer.tophash.spread,
-                             store=self.store)
+                             earlier_keys=self.earlier_keys, store=self.store)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, checkpoint_directory: str | os.PathLike, tokenizer: Any = None, *,
@@ -542,6 +559,9 @@ class MemoirModel(nn.Module):
         layer.tophash.permutation.copy_(checkpoint.permutation.to(layer.tophash.permutation.device))
         layer.tophash.background.copy_(checkpoint.background.to(layer.tophash.background.device))
         layer.tophash.spread.copy_(checkpoint.spread.to(layer.tophash.spread.device))
+        self.earlier_keys = checkpoint.earlier_keys
+        if self.earlier_keys is not None:
+            self.earlier_keys.moment_sum = self.earlier_keys.moment_sum.to(layer.device)
         restore_store(checkpoint, self.store)
         self.prefixes = checkpoint.manifest.get("prefixes")
         self.base_model_source = checkpoint.manifest.get("base_model")

@@ -179,7 +179,9 @@ def test_checkpoint_files_and_manifest(saved):
     check_sorted_keys(manifest)
     assert manifest["format_version"] == 1
     assert manifest["library_version"] == memoir_hf.__version__
-    assert manifest["memoir_config"] == memoir.memoir_config.to_dict()
+    # protect_earlier_edits is left out at its default, so that readers of format 1 read the checkpoint.
+    assert manifest["memoir_config"] == {name: value for name, value in memoir.memoir_config.to_dict().items()
+                                         if name != "protect_earlier_edits"}
     assert memoir_hf.MemoirConfig.from_dict(manifest["memoir_config"]) == memoir.memoir_config
     target = manifest["target"]
     assert target["module_name"] == memoir.target.module_name == "model.layers.1.mlp.down_proj"
@@ -319,6 +321,27 @@ def test_standardized_memory_round_trip(tmp_path):
     loaded_logits, loaded_routing = run(loaded, inputs)
     assert routed_ids(loaded_routing) == [0, 1, 2, None, None]
     assert torch.equal(loaded_logits, logits) and loaded_routing == routing
+
+
+def test_standardized_checkpoint_is_format_2_and_older_readers_refuse_it(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    make_memoir(aggregation="standardized", facts=FACTS[:1]).save_pretrained(folder)
+    assert json.loads((folder / CONFIG_FILE).read_text())["format_version"] == 2
+    for name in (MEMORY_FILE, MASKS_FILE):
+        with safe_open(folder / name, "pt") as handle:
+            assert handle.metadata()["format_version"] == "2"
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 1)  # a release that reads version 1 only
+    with pytest.raises(CheckpointError, match="format version 2, newer.*upgrade memoir_hf"):
+        attach(folder)
+
+
+def test_standardized_checkpoint_written_as_format_1_still_loads(tmp_path):
+    """Standardized checkpoints saved before version 2 existed say 1 but hold their spread."""
+    memoir = make_memoir(aggregation="standardized", facts=FACTS[:1])
+    memoir.save_pretrained(tmp_path / "ckpt")
+    edit_manifest(format_version=1)(tmp_path / "ckpt")
+    loaded = attach(tmp_path / "ckpt")
+    assert torch.equal(loaded.layer.tophash.spread, memoir.layer.tophash.spread)
 
 
 def without_spread(folder: Path, module: str) -> None:

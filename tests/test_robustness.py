@@ -609,10 +609,12 @@ def _interrupting_hook(nth: int, exception: BaseException):
     return hook
 
 
+@pytest.mark.parametrize("protect", [0.0, 1.0])
 @pytest.mark.parametrize("edit_path", ["cached", "naive"])
 @pytest.mark.parametrize("exception", [KeyboardInterrupt, RuntimeError])
-def test_an_interrupted_edit_leaves_no_trace(edit_path, exception):
-    memoir = make_memoir(max_steps=6, stop_loss=0.0)  # stop_loss 0: every edit runs all its steps
+def test_an_interrupted_edit_leaves_no_trace(edit_path, exception, protect):
+    # stop_loss 0: every edit runs all its steps
+    memoir = make_memoir(max_steps=6, stop_loss=0.0, protect_earlier_edits=protect)
     memoir.edit_path = edit_path
     memoir.edit(*CAT)  # also generates the prefixes, so that every later edit makes the same calls
     layers = memoir.base_model.model.layers
@@ -624,6 +626,7 @@ def test_an_interrupted_edit_leaves_no_trace(edit_path, exception):
     rng = random.Random(1234)
     for nth in sorted({1, 2, 3, rng.randint(3, total - 2), total - 1, total}):
         before, (grads, logits) = snapshot(memoir), _model_state(memoir)
+        keys_before = _earlier_keys_state(memoir)
         hook = layers[0].register_forward_hook(_interrupting_hook(nth, exception(f"interrupted at call {nth}")))
         try:
             with pytest.raises(exception, match=f"call {nth}$"):
@@ -635,20 +638,27 @@ def test_an_interrupted_edit_leaves_no_trace(edit_path, exception):
         after_grads, after_logits = _model_state(memoir)
         assert after_grads == grads
         assert torch.equal(bits(after_logits), bits(logits))
-        if nth < total:
+        if nth < total or len(memoir.store) == len(before.records):  # interrupted before the commit, or rolled back
             assert_unchanged(memoir, before)
-        elif len(memoir.store) == len(before.records):
-            assert_unchanged(memoir, before)  # rolled back whole
+            assert _earlier_keys_state(memoir) == keys_before
         else:
             # What happens now: interrupted in the success check, after the commit, the edit stays stored whole
             # (record, mask, delta and its W_m columns); its record says success=False, as the check never
             # finished. Either whole or absent is fine; half is not.
             assert_last_edit_stored(memoir, before, *BOB)
             assert memoir.get_edit(before.next_id).success is False
+            if protect:
+                assert _earlier_keys_state(memoir)[0] == keys_before[0] + 1
         state = snapshot(memoir)
         result = memoir.edit(*ALICE)  # the next edit works
         assert_stored_edit(memoir, result, state, *ALICE)
         memoir.remove_edit(result.edit_id)
+
+
+def _earlier_keys_state(memoir) -> tuple[int, bytes]:
+    """The count and bytes of the earlier edits' keys (protect_earlier_edits), (0, b"") when none are kept."""
+    keys = memoir.earlier_keys
+    return (0, b"") if keys is None else (keys.edits, keys.moment_sum.numpy().tobytes())
 
 
 # -- 3. NaN / inf ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -38,17 +38,29 @@ class TrainOutcome:
     """The trained W_m[:, columns], float32 [d_model, k]."""
     loss: float
     steps: int
+    inputs: torch.Tensor
+    """The memory layer's inputs for the batch, [batch, seq, d_ff], as the steps saw them (they are frozen)."""
 
 
 def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, columns: torch.Tensor,
-                  config: MemoirConfig, *, all_positions: bool = False) -> TrainOutcome:
+                  config: MemoirConfig, *, all_positions: bool = False,
+                  earlier_keys: torch.Tensor | None = None) -> TrainOutcome:
     """SGD on W_m[:, columns] so that every prompt variant is followed by the target.
 
     Weight decay acts on these columns only; the other columns of W_m are never read or written.
     ``all_positions`` computes logits at every position, as the reference code does (for the naive path).
+    ``earlier_keys`` is the second moment C of earlier edits' keys on these columns [k, k] (see
+    :mod:`memoir_hf.memory.earlier_keys`): with ``config.protect_earlier_edits`` = μ > 0 each step is
+    taken in the metric ``I + μC``, i.e. the gradient is multiplied by ``(I + μC)^-1``, which shrinks
+    it along the directions earlier edits' tokens read and leaves the others. A penalty ``μ tr(ΔW C ΔW^T)``
+    added to the loss would do the same in theory, but plain SGD on it diverges once μ times C's
+    largest eigenvalue passes 1 / learning_rate, and C grows with every edit.
     """
     delta = layer.memory_weight[:, columns].detach().float().clone().requires_grad_(True)
+    metric = _inverse_metric(earlier_keys, config.protect_earlier_edits)
+    seen: list[torch.Tensor] = []
     layer.column_edit = ColumnEdit(columns, delta)
+    layer.observer = _keep_first(seen)
     try:
         with frozen_parameters(model):
             for step in range(config.max_steps + 1):
@@ -58,10 +70,27 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
                 if last or loss.item() < config.stop_loss:
                     break
                 (grad,) = torch.autograd.grad(loss, [delta])
-                _sgd_step(delta, grad, config)
+                _sgd_step(delta, grad if metric is None else grad @ metric, config)
     finally:
         layer.column_edit = None
-    return TrainOutcome(delta.detach(), float(loss.item()), step)
+        layer.observer = None
+    inputs = seen[0].reshape(*batch.input_ids.shape, -1)  # some families (OPT) flatten [batch, seq]
+    return TrainOutcome(delta.detach(), float(loss.item()), step, inputs)
+
+
+def _keep_first(into: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:
+    def observe(inputs: torch.Tensor) -> None:
+        if not into:
+            into.append(inputs.detach())
+    return observe
+
+
+def _inverse_metric(earlier_keys: torch.Tensor | None, strength: float) -> torch.Tensor | None:
+    """(I + strength C)^-1, symmetric positive definite with eigenvalues in (0, 1]; None leaves SGD plain."""
+    if earlier_keys is None or not strength:
+        return None
+    metric = torch.eye(earlier_keys.shape[0], device=earlier_keys.device) + strength * earlier_keys.float()
+    return torch.linalg.inv(metric)
 
 
 def _autocast(config: MemoirConfig, device: torch.device) -> AbstractContextManager[None]:

@@ -73,6 +73,15 @@ def series_label(report: dict[str, Any]) -> str:
     parts = []
     if config.get("top_k", DEFAULT_TOP_K) != DEFAULT_TOP_K:
         parts.append(f"k={config['top_k']:g}, {config.get('max_steps')} steps")
-    if config.get("aggregation", DEFAULT_AGGREGATION) != DEFAULT_AGGREGATION:
-        parts.append(config["aggregation"])
+    parts += write_settings(config)
     return f"memoir {', '.join(parts)}" if parts else "memoir"
+
+
+def write_settings(config: dict[str, Any]) -> list[str]:
+    """The fingerprint and write settings of a report's MemoirConfig that are off the paper's, as labels."""
+    labels = []
+    if config.get("aggregation", DEFAULT_AGGREGATION) != DEFAULT_AGGREGATION:
+        labels.append(config["aggregation"])
+    if config.get("protect_earlier_edits"):
+        labels.append(f"protect {config['protect_earlier_edits']:g}")
+    return labels

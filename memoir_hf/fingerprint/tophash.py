@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-BACKGROUND_AGGREGATIONS = ("mean_minus_background", "standardized")
+from ..config import SPREAD_AGGREGATION
+
+BACKGROUND_AGGREGATIONS = ("mean_minus_background", SPREAD_AGGREGATION)
 """Aggregations that subtract the background, which is then computed when a model is patched."""
 SPREAD_FLOOR = 0.1
 """Fraction of the median spread below which no feature's spread is taken."""
@@ -50,7 +52,7 @@ class TopHash(nn.Module):
         vector = mean_over_tokens(activations, token_mask)
         if self.aggregation in BACKGROUND_AGGREGATIONS:
             vector = vector - self.background
-        if self.aggregation == "standardized":
+        if self.aggregation == SPREAD_AGGREGATION:
             vector = vector / self.spread
         return vector
 

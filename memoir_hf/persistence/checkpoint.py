@@ -5,7 +5,8 @@ Files (all written by :func:`write_checkpoint`, read and checked by :func:`read_
 - ``memoir_config.json``: format and library version, the MemoirConfig, the patched target, the
   base-model fingerprint, the generated prefixes, the next edit id, a checksum of the masks.
 - ``memoir_memory.safetensors``: W_m of the patched layer, the TopHash permutation, background and
-  spread (checkpoints from before the spread existed load with a spread of ones).
+  spread (checkpoints from before the spread existed load with a spread of ones), and, for a memory
+  written with ``protect_earlier_edits``, the second moment of its edits' keys.
 - ``memoir_masks.safetensors``: the packed bit masks and their edit ids.
 - ``memoir_index.faiss``: the FAISS binary index, a cache of the masks (rebuilt if stale).
 - ``memoir_edits.jsonl``: one JSON line an edit.
@@ -32,12 +33,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import MemoirConfig
+from ..config import SPREAD_AGGREGATION, MemoirConfig
 from ..editing.inputs import MERGED_KEY, valid_merged_ids
 from ..errors import MemoirError
+from ..memory.earlier_keys import EarlierKeys
 from ..memory.store import EditDelta, EditRecord, EditStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this library reads. Version 2 added the spread the standardized aggregation divides
+by, and the earlier edits' keys with the ``protect_earlier_edits`` setting."""
+FORMAT_2_SETTINGS = {"protect_earlier_edits": 0.0}
+"""Settings a version 1 reader does not know, with their defaults: left out of the manifest at the default."""
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
 MASKS_FILE = "memoir_masks.safetensors"
@@ -63,6 +69,7 @@ class Checkpoint:
     permutation: torch.Tensor
     background: torch.Tensor
     spread: torch.Tensor
+    earlier_keys: EarlierKeys | None
     codes: np.ndarray
     records: list[EditRecord]
     deltas: dict[int, EditDelta]
@@ -83,27 +90,49 @@ def is_checkpoint(folder: str | Path) -> bool:
 
 def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: torch.Tensor,
                      permutation: torch.Tensor, background: torch.Tensor, spread: torch.Tensor,
-                     store: EditStore) -> None:
+                     earlier_keys: EarlierKeys | None, store: EditStore) -> None:
     """Write the six files into ``folder`` (normally a temporary folder; see atomic_folder)."""
     module = manifest["target"]["module_name"]
-    save_file({f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
-               f"{module}.tophash.background": _cpu(background), f"{module}.tophash.spread": _cpu(spread)},
-              folder / MEMORY_FILE,
-              metadata={"format_version": str(FORMAT_VERSION)})
+    settings = _without_format_2_defaults(manifest["memoir_config"])
+    manifest = {**manifest, "memoir_config": settings}
+    version = str(format_version(settings))
+    memory = {f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
+              f"{module}.tophash.background": _cpu(background), f"{module}.tophash.spread": _cpu(spread)}
+    if earlier_keys is not None:
+        memory[f"{module}.earlier_keys.moment_sum"] = _cpu(earlier_keys.moment_sum)
+        memory[f"{module}.earlier_keys.edits"] = torch.tensor(earlier_keys.edits, dtype=torch.int64)
+    save_file(memory, folder / MEMORY_FILE, metadata={"format_version": version})
     edit_ids = torch.tensor([record.edit_id for record in store.records], dtype=torch.int64)
     save_file({"codes": torch.from_numpy(store.index.codes.copy()), "edit_ids": edit_ids}, folder / MASKS_FILE,
-              metadata={"format_version": str(FORMAT_VERSION), "n_bits": str(store.index.n_bits)})
+              metadata={"format_version": version, "n_bits": str(store.index.n_bits)})
     store.index.write_faiss(folder / INDEX_FILE)
     with open(folder / EDITS_FILE, "w", encoding="utf-8") as handle:
         for record in store.records:
             handle.write(json.dumps(record.to_dict(), sort_keys=True, ensure_ascii=False) + "\n")
     deltas = {f"{edit_id}.{part}": _cpu(getattr(delta, part)) for edit_id, delta in store.deltas.items()
               for part in ("columns", "values")}
-    save_file(deltas, folder / DELTAS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
-    manifest = {**manifest, "format_version": FORMAT_VERSION, "num_edits": len(store),
+    save_file(deltas, folder / DELTAS_FILE, metadata={"format_version": version})
+    manifest = {**manifest, "format_version": int(version), "num_edits": len(store),
                 "masks_sha256": _codes_checksum(store.index.codes),
                 "removed_edits": [record.to_dict() for record in store.removed]}
     (folder / CONFIG_FILE).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
+
+
+def _without_format_2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a version 1 reader would refuse as unknown are left out while they hold their default."""
+    return {name: value for name, value in settings.items()
+            if name not in FORMAT_2_SETTINGS or value != FORMAT_2_SETTINGS[name]}
+
+
+def format_version(settings: dict[str, Any]) -> int:
+    """The oldest format that holds a memory with these MemoirConfig settings (as written).
+
+    Only a standardized memory or one that protects earlier edits needs version 2, so every other
+    checkpoint stays readable by releases that read version 1, and those refuse the others as newer
+    instead of misreading them.
+    """
+    newer = settings.get("aggregation") == SPREAD_AGGREGATION or any(name in settings for name in FORMAT_2_SETTINGS)
+    return 2 if newer else 1
 
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:
@@ -124,6 +153,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     permutation = _tensor(memory, f"{module}.tophash.permutation", (d_ff,), folder / MEMORY_FILE)
     background = _tensor(memory, f"{module}.tophash.background", (d_ff,), folder / MEMORY_FILE)
     spread = _spread(memory, f"{module}.tophash.spread", d_ff, config, folder / MEMORY_FILE)
+    earlier_keys = _earlier_keys(memory, f"{module}.earlier_keys", d_ff, folder / MEMORY_FILE)
     codes, edit_ids = _read_masks(folder / MASKS_FILE, d_ff, manifest)
     records = _read_edits(folder / EDITS_FILE)
     if [record.edit_id for record in records] != edit_ids.tolist():
@@ -136,8 +166,8 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder / CONFIG_FILE}: removed_edits must be a list of edit records; the file is "
                               "corrupt.")
     removed = [_record(values, f"{folder / CONFIG_FILE} removed_edits[{i}]") for i, values in enumerate(removed_values)]
-    return Checkpoint(folder, manifest, config, weight, permutation, background, spread, codes, records, deltas,
-                      removed)
+    return Checkpoint(folder, manifest, config, weight, permutation, background, spread, earlier_keys, codes,
+                      records, deltas, removed)
 
 
 def restore_store(checkpoint: Checkpoint, store: EditStore) -> None:
@@ -201,12 +231,27 @@ def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], 
 
 def _spread(tensors: dict[str, torch.Tensor], key: str, d_ff: int, config: MemoirConfig, path: Path) -> torch.Tensor:
     """The saved spread; a checkpoint written before the spread existed has none and divides by one."""
-    if key in tensors or config.aggregation == "standardized":
+    if key in tensors or config.aggregation == SPREAD_AGGREGATION:
         spread = _tensor(tensors, key, (d_ff,), path)
         if not bool((spread > 0).all()) or not bool(spread.isfinite().all()):
             raise CheckpointError(f"{path}: {key} must be positive and finite; the file is corrupt.")
         return spread
     return torch.ones(d_ff, dtype=torch.float32)
+
+
+def _earlier_keys(tensors: dict[str, torch.Tensor], prefix: str, d_ff: int, path: Path) -> EarlierKeys | None:
+    """The saved second moment of earlier edits' keys; None for a memory written without protection."""
+    if f"{prefix}.moment_sum" not in tensors and f"{prefix}.edits" not in tensors:
+        return None
+    moment_sum = _tensor(tensors, f"{prefix}.moment_sum", (d_ff, d_ff), path)
+    edits = _tensor(tensors, f"{prefix}.edits", (), path)
+    if edits.dtype != torch.int64 or int(edits) < 0 or not bool(moment_sum.isfinite().all()):
+        raise CheckpointError(f"{path}: {prefix} must hold a finite moment and a non-negative edit count; the file "
+                              "is corrupt.")
+    keys = EarlierKeys(d_ff)
+    keys.moment_sum = moment_sum.float()
+    keys.edits = int(edits)
+    return keys
 
 
 def _read_masks(path: Path, d_ff: int, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
