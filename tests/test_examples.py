@@ -23,6 +23,17 @@ def run_script(name: str, *args: str, cwd: Path) -> str:
     return done.stdout
 
 
+def test_quickstart_changes_the_edited_answer_and_leaves_an_unrelated_one(tmp_path):
+    """The README's first command: the edit is written, read back, and an unrelated question reads nothing."""
+    output = run_script("quickstart.py", cwd=tmp_path)
+    assert "success=True" in output
+    blocks = {block.split("\n")[0]: block for block in output.split("\n\n")[1:]}
+    edited, unrelated = blocks["The capital of Australia is"], blocks["The largest planet in the solar system is"]
+    assert "after:  Melbourne" in edited and "routing: edit 0" in edited
+    before, after = (line.split(":", 1)[1].strip() for line in unrelated.splitlines()[1:3])
+    assert "routing: no edit" in unrelated and before == after
+
+
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     """Every code cell, in order, in one namespace, as Jupyter would; the cells assert what they show."""
     notebook = json.loads((EXAMPLES / "notebook.ipynb").read_text(encoding="utf-8"))
