@@ -36,6 +36,9 @@ def test_memoir_protocol_run_reports_and_resumes(smollm2, zsre_records, tmp_path
     assert report["calibration"]["negatives"] > 0 and 0 < report["threshold"] <= 1
     assert sum(report["routing"]["rel"].values()) == T and report["routing"]["rel"]["own_edit"] == T
     assert sum(report["routing"]["loc"].values()) == T
+    # Every edit prompt reads its own edit, so the own-edit class holds all of Rel.
+    assert report["accuracy_by_routing"]["rel"]["own_edit"] == pytest.approx(report["metrics"]["rel"])
+    assert report["accuracy_by_routing"]["rel"]["no_edit"] is None
     assert len(report["sweep"]) > 10
     assert report["seconds_per_edit"] > 0 and report["peak_rss_mb"] > 0
     assert not any(isinstance(m, memoir_hf.memory.layer.MemoirLayer) for m in model.modules())
@@ -47,5 +50,5 @@ def test_fine_tuning_baseline_runs_in_the_same_harness(smollm2):
     report = run((model, tokenizer), data, edits=2, method="ft-l",
                  config=memoir_hf.MemoirConfig(**SMOLLM2_CONFIG, max_steps=5), progress=False)
     assert report["memoir_config"]["top_k"] == 1536 and report["threshold"] == 0.0
-    assert report["routing"] is None and report["sweep"] is None
+    assert report["routing"] is None and report["accuracy_by_routing"] is None and report["sweep"] is None
     assert set(report["metrics"]) >= {"rel", "gen", "loc"}

@@ -26,7 +26,15 @@ from memoir_hf import EditRecord, MemoirConfig, MemoirConfigError, MemoirError, 
 from memoir_hf.cli import main
 from memoir_hf.evaluation import harness
 from memoir_hf.evaluation.datasets import FORMATS, DataError, EvalRecord, load_records
-from memoir_hf.evaluation.harness import _by_conflict, _metrics, _routing_confusion, _Scores, superseded
+from memoir_hf.evaluation.harness import (
+    _accuracy_by_routing,
+    _by_conflict,
+    _metrics,
+    _routing_classes,
+    _routing_confusion,
+    _Scores,
+    superseded,
+)
 from memoir_hf.evaluation.metrics import agreement, mean, perplexity, token_accuracy
 from memoir_hf.evaluation.scoring import Scored
 from memoir_hf.routing.calibration import choose_threshold
@@ -638,16 +646,16 @@ def test_routing_confusion_counts():
                 scored([1], [1], overlap=None)],             # no decision at all
     }
     scores = _Scores(routed, {name: [] for name in routed})
-    confusion = _routing_confusion(scores, RECORDS, memoir, 0.5)
+    confusion = _routing_confusion(_routing_classes(scores, RECORDS, memoir, 0.5))
     assert confusion == {
         "rel": {"own_edit": 1, "other_edit_same_subject": 1, "other_edit": 1, "no_edit": 0},
         "gen": {"own_edit": 1, "other_edit_same_subject": 0, "other_edit": 0, "no_edit": 1},
         "loc": {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 1, "no_edit": 1},
     }
-    high = _routing_confusion(scores, RECORDS, memoir, 0.95)
+    high = _routing_confusion(_routing_classes(scores, RECORDS, memoir, 0.95))
     assert high["rel"] == {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 0, "no_edit": 3}
     assert high["gen"]["no_edit"] == 2 and high["loc"]["no_edit"] == 2
-    boundary = _routing_confusion(scores, RECORDS, memoir, 0.8)  # overlap == τ reads the edit
+    boundary = _routing_confusion(_routing_classes(scores, RECORDS, memoir, 0.8))  # overlap == τ reads the edit
     assert boundary["gen"] == {"own_edit": 1, "other_edit_same_subject": 0, "other_edit": 0, "no_edit": 1}
 
 
@@ -658,11 +666,23 @@ def test_routing_confusion_uses_eval_index_not_edit_order():
                EvalRecord(index=2, prompt="c", target="d", loc="l", loc_ans="m", subject=None)]
     routed = {"rel": [scored([1], [1], overlap=1.0, nearest=3), scored([1], [1], overlap=1.0, nearest=3)],
               "gen": [], "loc": [scored([1], [1], overlap=1.0, nearest=7)]}
-    confusion = _routing_confusion(_Scores(routed, {}), records, memoir, 0.5)
+    confusion = _routing_confusion(_routing_classes(_Scores(routed, {}), records, memoir, 0.5))
     # No subject: reading another record's edit is plain other_edit, never same-subject.
     assert confusion["rel"] == {"own_edit": 1, "other_edit_same_subject": 0, "other_edit": 1, "no_edit": 0}
     # A loc prompt never reads "its own" edit: any edit it reads is a false positive.
     assert confusion["loc"] == {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 1, "no_edit": 0}
+
+
+def test_accuracy_by_routing_averages_each_class_as_the_metrics_choose_it():
+    # Edit 11 is record 0's second edit, so record 1 (subject S) reads an edit of the same subject.
+    scores = hand_scores()
+    memoir = memoir_like((10, 0), (11, 0), (12, 2))
+    split = _accuracy_by_routing(scores, _routing_classes(scores, RECORDS, memoir, 0.6), 0.6)
+    # rel: record 0 own edit (1.0), record 1 same subject (0.5), record 2 no decision (memory off: 0.5).
+    assert split["rel"] == {"own_edit": 1.0, "other_edit_same_subject": 0.5, "other_edit": None, "no_edit": 0.5}
+    # gen: record 0's rephrase is below τ (memory off: 0.0), record 2's reads its own edit (1.0).
+    assert split["gen"] == {"own_edit": 1.0, "other_edit_same_subject": None, "other_edit": None, "no_edit": 0.0}
+    json.dumps(split, allow_nan=False)
 
 
 def test_superseded_marks_records_a_later_same_subject_record_contradicts():

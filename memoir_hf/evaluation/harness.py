@@ -153,6 +153,7 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], forma
             memoir.memoir_config.threshold = threshold
     scores = _score_everything(memoir, records)
     tau = memoir.memoir_config.threshold
+    classes = _routing_classes(scores, records, memoir, tau) if method == "memoir" else None
     return {
         "library_version": __version__, "method": method, "edits": len(records),
         "memoir_config": memoir.memoir_config.to_dict(), "patched_module": memoir.target.module_name,
@@ -162,7 +163,8 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], forma
         "edit_success_rate": mean([float(r.success) for r in memoir.edits]),
         "seconds_per_edit": mean(seconds),
         "peak_rss_mb": _peak_rss_mb(),
-        "routing": _routing_confusion(scores, records, memoir, tau) if method == "memoir" else None,
+        "routing": _routing_confusion(classes) if classes else None,
+        "accuracy_by_routing": _accuracy_by_routing(scores, classes, tau) if classes else None,
         # Same-subject records are contradicting versions of one question in ZsRE only: in CounterFact they
         # are other relations of the subject, in the hallucination set successive sentences of one passage.
         "by_conflict": _by_conflict(scores, records, tau) if format == "zsre" else None,
@@ -282,31 +284,49 @@ def _metrics(scores: _Scores, tau: float) -> dict[str, float]:
     return metrics
 
 
-def _routing_confusion(scores: _Scores, records: Sequence[EvalRecord], memoir: MemoirModel,
-                       tau: float) -> dict[str, dict[str, int]]:
-    """How many prompts of each set read their own edit, another edit (same subject or not), or none."""
+ROUTING_CLASSES = ("own_edit", "other_edit_same_subject", "other_edit", "no_edit")
+
+
+def _routing_classes(scores: _Scores, records: Sequence[EvalRecord], memoir: MemoirModel,
+                     tau: float) -> dict[str, list[str]]:
+    """Per prompt of each set, one of ROUTING_CLASSES: its own edit, another edit (same subject or not), or none."""
     subject_of_index = {r.index: r.subject for r in records}
     index_of_edit = {e.edit_id: e.metadata.get("eval_index") for e in memoir.store.records}
     owners = {"rel": list(records), "gen": [r for r in records if r.rephrase is not None],
               "loc": [r for r in records if r.loc is not None]}
-    confusion = {}
+    classes = {}
     for name, routed in scores.routed.items():
-        counts = {"own_edit": 0, "other_edit_same_subject": 0, "other_edit": 0, "no_edit": 0}
+        classes[name] = []
         for record, score in zip(owners[name], routed, strict=True):
             decision = score.routing
             if decision is None or decision.overlap < tau:
-                counts["no_edit"] += 1
+                kind = "no_edit"
             elif name == "loc":
-                counts["other_edit"] += 1  # a loc prompt is about none of the edits
+                kind = "other_edit"  # a loc prompt is about none of the edits
             elif index_of_edit[decision.nearest_edit_id] == record.index:
-                counts["own_edit"] += 1
+                kind = "own_edit"
             elif record.subject is not None and \
                     subject_of_index.get(index_of_edit[decision.nearest_edit_id]) == record.subject:
-                counts["other_edit_same_subject"] += 1
+                kind = "other_edit_same_subject"
             else:
-                counts["other_edit"] += 1
-        confusion[name] = counts
-    return confusion
+                kind = "other_edit"
+            classes[name].append(kind)
+    return classes
+
+
+def _routing_confusion(classes: dict[str, list[str]]) -> dict[str, dict[str, int]]:
+    """How many prompts of each set read their own edit, another edit (same subject or not), or none."""
+    return {name: {kind: kinds.count(kind) for kind in ROUTING_CLASSES} for name, kinds in classes.items()}
+
+
+def _accuracy_by_routing(scores: _Scores, classes: dict[str, list[str]], tau: float) -> dict[str, Any]:
+    """Rel and Gen of the prompts of each routing class (None for an empty one): what routing leaves to the memory."""
+    split = {}
+    for name in ("rel", "gen"):
+        accuracy = [token_accuracy(s.predicted, s.target) for s in _chosen(scores, name, tau)]
+        split[name] = {kind: _mean_or_none([a for a, k in zip(accuracy, classes[name], strict=True) if k == kind])
+                       for kind in ROUTING_CLASSES}
+    return split
 
 
 def superseded(records: Sequence[EvalRecord]) -> list[bool]:
