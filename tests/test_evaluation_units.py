@@ -850,6 +850,30 @@ def test_an_edit_error_saves_the_edits_before_it_and_names_the_record(tmp_path, 
     assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
 
 
+def test_ctrl_c_saves_the_edits_before_it_and_a_rerun_resumes_after_them(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    real_edit = memoir_hf.MemoirModel.edit
+    calls = []
+
+    def interrupted_at_the_second_edit(self, prompt, target, **kwargs):
+        calls.append(prompt)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_edit(self, prompt, target, **kwargs)
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", interrupted_at_the_second_edit)
+    checkpoint = tmp_path / "ck"
+    arguments = dict(format="jsonl", edits=2, config=config, threshold=0.5, progress=False,
+                     checkpoint_dir=checkpoint, checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        harness.run((model, make_byte_tokenizer()), data, **arguments)
+    saved = memoir_hf.MemoirModel.from_pretrained(model, checkpoint)
+    assert [e.prompt for e in saved.edits] == ["Prompt 0"]
+    saved.unpatch()
+    report = harness.run((model, make_byte_tokenizer()), data, **arguments)
+    assert calls == ["Prompt 0", "Prompt 1", "Prompt 1"] and report["edits"] == 2
+
+
 def test_sweep_grid():
     assert harness.SWEEP[0] == 0.3 and harness.SWEEP[-1] == 1.0 and len(harness.SWEEP) == 36
     assert all(b - a == pytest.approx(0.02) for a, b in zip(harness.SWEEP[:-1], harness.SWEEP[1:], strict=True))

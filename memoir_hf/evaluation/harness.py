@@ -220,19 +220,29 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
     seconds = [float(e.metadata["seconds"]) for e in memoir.edits if "seconds" in e.metadata]
     bar = tqdm(records[done:], desc="edits", unit="edit", initial=done, total=len(records), disable=not progress)
     for record in bar:
-        result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
+        try:
+            result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
+        except KeyboardInterrupt:
+            # Ctrl-C leaves the memory as it was before this edit (edits are all or nothing): keep the
+            # edits since the last checkpoint, which on a long run can be an hour of work.
+            _save_checkpoint(memoir, checkpoint_dir)
+            raise
         if result.error is not None:
-            if checkpoint_dir is not None:
-                memoir.save_pretrained(checkpoint_dir)  # keep the edits since the last checkpoint
+            _save_checkpoint(memoir, checkpoint_dir)  # keep the edits since the last checkpoint
             raise MemoirError(f"record {record.index} ({record.prompt!r}) could not be edited after {done} edits: "
                               f"{result.error}. Change the settings, or leave the record out of the data.")
         done += 1
         memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
         seconds.append(result.seconds)
         bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
-        if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == len(records)):
-            memoir.save_pretrained(checkpoint_dir)
+        if done % checkpoint_every == 0 or done == len(records):
+            _save_checkpoint(memoir, checkpoint_dir)
     return seconds
+
+
+def _save_checkpoint(memoir: MemoirModel, checkpoint_dir: str | os.PathLike | None) -> None:
+    if checkpoint_dir is not None:
+        memoir.save_pretrained(checkpoint_dir)
 
 
 @dataclasses.dataclass
