@@ -375,22 +375,24 @@ class MemoirModel(nn.Module):
     def _commit(self, fact: Fact, mask: torch.Tensor, columns: torch.Tensor, outcome: TrainOutcome,
                 attention_mask: torch.Tensor) -> EditRecord:
         """Write the trained columns into W_m and store the edit (and its keys, when they are kept), all or nothing."""
-        keys = EarlierKeys.moment(outcome.inputs, attention_mask, mask) if self._protects_earlier_edits else None
+        keys_added: AbstractContextManager[None] = nullcontext()
+        if self._protects_earlier_edits:
+            moment = EarlierKeys.moment(outcome.inputs, attention_mask, columns)
+            keys_added = self._earlier_keys().added(columns, moment)
         before = self._layer.memory_weight[:, columns].detach().clone()
         record = EditRecord(self.store.next_id, fact.prompt, fact.target, fact.metadata, utc_now(),
                             loss=outcome.loss)
-        try:
-            self._layer.write_columns(columns, outcome.columns_value)
-            delta = None
-            if self.memoir_config.keep_edit_deltas:
-                written = self._layer.memory_weight[:, columns].detach()
-                delta = EditDelta(columns.cpu(), (written.float() - before.float()).cpu())
-            self.store.add(record, mask, delta)
-        except BaseException:
-            self._layer.write_columns(columns, before)
-            raise
-        if keys is not None:
-            self._earlier_keys().add(keys)
+        with keys_added:
+            try:
+                self._layer.write_columns(columns, outcome.columns_value)
+                delta = None
+                if self.memoir_config.keep_edit_deltas:
+                    written = self._layer.memory_weight[:, columns].detach()
+                    delta = EditDelta(columns.cpu(), (written.float() - before.float()).cpu())
+                self.store.add(record, mask, delta)
+            except BaseException:
+                self._layer.write_columns(columns, before)
+                raise
         return record
 
     @property

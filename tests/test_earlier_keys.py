@@ -14,6 +14,7 @@ from tiny_models import make_byte_tokenizer, make_tiny_model
 import memoir_hf
 from memoir_hf import CheckpointError, MemoirConfigError, MemoirModel
 from memoir_hf.editing.inputs import Fact
+from memoir_hf.editing.trainer import _inverse_metric
 from memoir_hf.fingerprint.activations import capture_down_proj_inputs
 from memoir_hf.memory.earlier_keys import EarlierKeys
 
@@ -27,9 +28,10 @@ def test_moment_sums_each_edits_mean_over_its_real_tokens_under_its_mask():
     keys = EarlierKeys(4)
     assert keys.restricted_to(torch.tensor([0, 1])) is None
     first = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [3.0, 0.0, 1.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
-    keys.add(EarlierKeys.moment(first, torch.tensor([[1, 1, 0]]), torch.tensor([True, True, False, False])))
+    first_columns, second_columns = torch.tensor([0, 1]), torch.tensor([1, 2])
+    keys.add(first_columns, EarlierKeys.moment(first, torch.tensor([[1, 1, 0]]), first_columns))
     second = torch.tensor([[[0.0, 2.0, 2.0, 0.0]]])
-    keys.add(EarlierKeys.moment(second, torch.tensor([[1]]), torch.tensor([False, True, True, False])))
+    keys.add(second_columns, EarlierKeys.moment(second, torch.tensor([[1]]), second_columns))
     # First edit, columns 0 and 1 kept, the padded token ignored: mean of [1,2][1,2]^T and [3,0][3,0]^T.
     first_mean = torch.tensor([[1.0, 2.0], [2.0, 4.0]]) / 2 + torch.tensor([[9.0, 0.0], [0.0, 0.0]]) / 2
     second_mean = torch.tensor([[0.0, 0.0], [0.0, 4.0]])
@@ -49,9 +51,12 @@ def test_an_edit_records_the_moment_of_the_inputs_it_was_trained_on(family, edit
     encoded = memoir._encode(Fact(*FIRST, {}))
     batch = memoir._edit_batch(FIRST[0], encoded, memoir._context_length)
     inputs = capture_down_proj_inputs(memoir.base_model, memoir.layer, batch.input_ids, batch.attention_mask)
-    expected = EarlierKeys.moment(inputs, batch.attention_mask, memoir._fingerprint(encoded.prompt_ids))
+    columns = memoir._fingerprint(encoded.prompt_ids).nonzero().squeeze(1)
+    expected = EarlierKeys.moment(inputs, batch.attention_mask, columns)
     assert memoir.earlier_keys.edits == 1
-    assert torch.allclose(memoir.earlier_keys.moment_sum, expected, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(memoir.earlier_keys.restricted_to(columns), expected, rtol=1e-5, atol=1e-7)
+    # Nothing outside the edit's columns: those rows and columns of C stay zero.
+    assert memoir.earlier_keys.moment_sum.count_nonzero() == expected.count_nonzero()
 
 
 def read_move_of_first_edit(strength: float) -> tuple[float, memoir_hf.MemoirModel]:
@@ -147,3 +152,41 @@ def test_corrupt_saved_keys_are_refused(tmp_path, corrupt):
     save_file(tensors, folder / MEMORY_FILE)
     with pytest.raises(CheckpointError, match="earlier_keys"):
         attach(folder)
+
+
+def test_a_failed_commit_takes_its_moment_back_bit_for_bit():
+    keys = EarlierKeys(4)
+    columns = torch.tensor([0, 2])
+    keys.add(columns, torch.tensor([[0.1, 0.2], [0.2, 0.3]]))
+    before = keys.moment_sum.clone()
+    with pytest.raises(RuntimeError, match="disk full"), keys.added(torch.tensor([2, 3]),
+                                                                    torch.tensor([[1 / 3, 0.7], [0.7, 0.9]])):
+        raise RuntimeError("disk full")
+    assert torch.equal(keys.moment_sum, before) and keys.edits == 1
+
+
+def test_an_edit_whose_store_write_fails_leaves_the_keys_as_they_were(monkeypatch):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(protect_earlier_edits=1.0),
+                             tokenizer=make_byte_tokenizer())
+    memoir.edit(*FIRST)
+    before = memoir.earlier_keys.moment_sum.clone()
+
+    def full_disk(*args, **kwargs):
+        raise OSError("no space left")
+
+    monkeypatch.setattr(memoir.store, "add", full_disk)
+    with pytest.raises(OSError, match="no space left"):
+        memoir.edit(*SECOND)
+    assert torch.equal(memoir.earlier_keys.moment_sum, before) and memoir.earlier_keys.edits == 1
+
+
+def test_the_step_metric_stays_a_contraction_when_earlier_keys_dwarf_the_identity():
+    """μ times C's top eigenvalue at 1e6 (a long run): a float32 inverse of I + μC turns indefinite."""
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.randn(512, 20, generator=generator)
+    earlier = factors @ factors.T
+    strength = 1e6 / float(torch.linalg.eigvalsh(earlier)[-1])
+    inverse = _inverse_metric(earlier, strength).double()
+    exact = torch.linalg.inv(torch.eye(512, dtype=torch.float64) + strength * earlier.double())
+    assert torch.linalg.eigvalsh(inverse).min() > 0
+    assert torch.allclose(inverse, exact, atol=1e-6)

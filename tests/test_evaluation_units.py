@@ -874,6 +874,32 @@ def test_ctrl_c_saves_the_edits_before_it_and_a_rerun_resumes_after_them(tmp_pat
     assert calls == ["Prompt 0", "Prompt 1", "Prompt 1"] and report["edits"] == 2
 
 
+def test_ctrl_c_in_the_success_check_stores_the_edit_and_the_rerun_checks_it(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    arguments = dict(format="jsonl", edits=2, config=config, threshold=0.5, progress=False, checkpoint_every=100)
+    uninterrupted = harness.run((model, make_byte_tokenizer()), data, **arguments)
+    real_check = memoir_hf.MemoirModel._check_edit
+
+    def interrupted_once(self, encoded):
+        if len(self.edits) == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real_check(self, encoded)
+
+    interrupted: list[bool] = []
+    monkeypatch.setattr(memoir_hf.MemoirModel, "_check_edit", interrupted_once)
+    checkpoint = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        harness.run((model, make_byte_tokenizer()), data, checkpoint_dir=checkpoint, **arguments)
+    saved = memoir_hf.MemoirModel.from_pretrained(model, checkpoint)
+    assert [e.metadata.get(harness.UNCHECKED) for e in saved.edits] == [None, True]
+    saved.unpatch()
+    resumed = harness.run((model, make_byte_tokenizer()), data, checkpoint_dir=checkpoint, **arguments)
+    # The first edit misses its target in 30 steps at lr 1, the second reaches it: counted unchecked as a
+    # failure, the rate would be 0.0.
+    assert resumed["edit_success_rate"] == uninterrupted["edit_success_rate"] == 0.5
+
+
 def test_sweep_grid():
     assert harness.SWEEP[0] == 0.3 and harness.SWEEP[-1] == 1.0 and len(harness.SWEEP) == 36
     assert all(b - a == pytest.approx(0.02) for a, b in zip(harness.SWEEP[:-1], harness.SWEEP[1:], strict=True))

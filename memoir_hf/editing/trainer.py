@@ -52,9 +52,11 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
     ``earlier_keys`` is the second moment C of earlier edits' keys on these columns [k, k] (see
     :mod:`memoir_hf.memory.earlier_keys`): with ``config.protect_earlier_edits`` = μ > 0 each step is
     taken in the metric ``I + μC``, i.e. the gradient is multiplied by ``(I + μC)^-1``, which shrinks
-    it along the directions earlier edits' tokens read and leaves the others. A penalty ``μ tr(ΔW C ΔW^T)``
-    added to the loss would do the same in theory, but plain SGD on it diverges once μ times C's
-    largest eigenvalue passes 1 / learning_rate, and C grows with every edit.
+    it along the directions earlier edits' tokens read and leaves the others. Where many ΔW reach the
+    target, steps in this metric head for one that is small in ``tr(ΔW (I + μC) ΔW^T)`` (exactly the
+    smallest, for a linear read-out trained to its optimum), which is what a penalty ``μ tr(ΔW C ΔW^T)``
+    in the loss would ask for; plain SGD on such a penalty diverges once μ times C's largest
+    eigenvalue passes 1 / learning_rate, and C grows with every edit.
     """
     delta = layer.memory_weight[:, columns].detach().float().clone().requires_grad_(True)
     metric = _inverse_metric(earlier_keys, config.protect_earlier_edits)
@@ -86,11 +88,17 @@ def _keep_first(into: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:
 
 
 def _inverse_metric(earlier_keys: torch.Tensor | None, strength: float) -> torch.Tensor | None:
-    """(I + strength C)^-1, symmetric positive definite with eigenvalues in (0, 1]; None leaves SGD plain."""
+    """(I + strength C)^-1, symmetric positive definite with eigenvalues in (0, 1]; None leaves SGD plain.
+
+    Inverted in float64 on the CPU (a k x k Cholesky solve, milliseconds): C grows with every edit,
+    and in float32 an inverse of I + μC with μ times C's largest eigenvalue near 1e6 already has
+    negative eigenvalues, which would turn some steps uphill.
+    """
     if earlier_keys is None or not strength:
         return None
-    metric = torch.eye(earlier_keys.shape[0], device=earlier_keys.device) + strength * earlier_keys.float()
-    return torch.linalg.inv(metric)
+    metric = torch.eye(earlier_keys.shape[0], dtype=torch.float64) + strength * earlier_keys.double().cpu()
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(metric))
+    return inverse.to(earlier_keys.device, torch.float32)
 
 
 def _autocast(config: MemoirConfig, device: torch.device) -> AbstractContextManager[None]:

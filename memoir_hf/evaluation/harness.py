@@ -216,6 +216,7 @@ def _run_settings(config: MemoirConfig) -> dict[str, Any]:
 def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_dir: str | os.PathLike | None,
                  checkpoint_every: int, progress: bool) -> list[float]:
     """Edit the records not edited yet; the seconds of every edit that has them (resumed ones may not)."""
+    _check_unchecked_edits(memoir)
     done = len(memoir.edits)
     seconds = [float(e.metadata["seconds"]) for e in memoir.edits if "seconds" in e.metadata]
     bar = tqdm(records[done:], desc="edits", unit="edit", initial=done, total=len(records), disable=not progress)
@@ -223,8 +224,11 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
         try:
             result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
         except KeyboardInterrupt:
-            # Ctrl-C leaves the memory as it was before this edit (edits are all or nothing): keep the
-            # edits since the last checkpoint, which on a long run can be an hour of work.
+            # Keep the edits since the last checkpoint, which on a long run can be an hour of work. Ctrl-C
+            # leaves the memory as it was before this edit, unless it came during the success check that
+            # follows the write: then the edit is stored, and its success is checked when the run resumes.
+            if len(memoir.edits) > done:
+                memoir.store.records[-1].metadata[UNCHECKED] = True
             _save_checkpoint(memoir, checkpoint_dir)
             raise
         if result.error is not None:
@@ -238,6 +242,18 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
         if done % checkpoint_every == 0 or done == len(records):
             _save_checkpoint(memoir, checkpoint_dir)
     return seconds
+
+
+UNCHECKED = "success_unchecked"
+"""Metadata key of an edit stored by an interrupted run before its success was checked."""
+
+
+def _check_unchecked_edits(memoir: MemoirModel) -> None:
+    """Check, as the edit itself would have, the success of edits that an interruption left unchecked."""
+    unchecked = [record for record in memoir.store.records if record.metadata.pop(UNCHECKED, False)]
+    scored = score_pairs(memoir, [(record.prompt, record.target) for record in unchecked])
+    for record, score in zip(unchecked, scored, strict=True):
+        record.success = score.predicted == score.target
 
 
 def _save_checkpoint(memoir: MemoirModel, checkpoint_dir: str | os.PathLike | None) -> None:
