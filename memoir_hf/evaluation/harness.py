@@ -253,7 +253,7 @@ def _check_unchecked_edits(memoir: MemoirModel) -> None:
     unchecked = [record for record in memoir.store.records if record.metadata.pop(UNCHECKED, False)]
     scored = score_pairs(memoir, [(record.prompt, record.target) for record in unchecked])
     for record, score in zip(unchecked, scored, strict=True):
-        record.success = score.predicted == score.target
+        record.success = token_accuracy(score.predicted, score.target) == 1.0
 
 
 def _save_checkpoint(memoir: MemoirModel, checkpoint_dir: str | os.PathLike | None) -> None:

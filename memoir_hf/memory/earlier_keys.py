@@ -35,21 +35,20 @@ class EarlierKeys:
 
     def add(self, columns: torch.Tensor, moment: torch.Tensor) -> None:
         """Count one more edit, with its :meth:`moment` on its ``columns``."""
-        kept = columns.to(self.moment_sum.device)
-        self.moment_sum[kept.unsqueeze(1), kept] += moment.to(self.moment_sum.device)
+        self.moment_sum[self._block(columns)] += moment.to(self.moment_sum.device)
         self.edits += 1
 
     @contextmanager
     def added(self, columns: torch.Tensor, moment: torch.Tensor) -> Iterator[None]:
         """:meth:`add` for the block, taken back bit for bit if the block raises (an edit's commit is all or
         nothing)."""
-        kept = columns.to(self.moment_sum.device)
-        block = self.moment_sum[kept.unsqueeze(1), kept].clone()
+        index = self._block(columns)
+        block = self.moment_sum[index].clone()
         self.add(columns, moment)
         try:
             yield
         except BaseException:
-            self.moment_sum[kept.unsqueeze(1), kept] = block
+            self.moment_sum[index] = block
             self.edits -= 1
             raise
 
@@ -60,5 +59,9 @@ class EarlierKeys:
         """
         if not self.edits:
             return None
+        return self.moment_sum[self._block(columns)].to(columns.device)
+
+    def _block(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index of the [k, k] block of ``moment_sum`` on these columns."""
         kept = columns.to(self.moment_sum.device)
-        return self.moment_sum[kept][:, kept].to(columns.device)
+        return kept.unsqueeze(1), kept
