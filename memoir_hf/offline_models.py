@@ -17,6 +17,7 @@ from .errors import MemoirError
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2", "gemma3-270m")
+PLAIN_SENTENCE = "The capital of France is"
 
 
 def gguf_location(name: str) -> tuple[str, str]:
@@ -42,8 +43,26 @@ def load_builtin(name: str, **model_kwargs: Any) -> tuple[Any, Any]:
 
     folder, file = gguf_location(name)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    check_tokenizer(tokenizer, name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, **model_kwargs)
     return model.eval(), tokenizer
+
+
+def check_tokenizer(tokenizer: Any, name: str) -> None:
+    """Refuse a tokenizer that cannot encode a plain English sentence.
+
+    Some transformers releases (5.5 among them) rebuild SmolLM2's GGUF vocabulary as a
+    SentencePiece-style tokenizer that maps most words to the unknown token; editing through it would
+    train on garbage without any error, so the model is refused before it loads.
+    """
+    ids = tokenizer(PLAIN_SENTENCE, add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if (unknown is not None and unknown in ids) or tokenizer.decode(ids).strip() != PLAIN_SENTENCE:
+        import transformers
+
+        raise MemoirError(f"transformers {transformers.__version__} builds a broken tokenizer for the {name} GGUF "
+                          f"file ({PLAIN_SENTENCE!r} encodes to {ids}, with unknown tokens or a lossy round trip); "
+                          "upgrade it: pip install -U transformers")
 
 
 def load_model(name_or_path: str, **model_kwargs: Any) -> tuple[Any, Any]:

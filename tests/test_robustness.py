@@ -1038,3 +1038,27 @@ def test_a_copied_and_a_moved_checkpoint_load(saved_memoir, tmp_path):
         assert loaded_routing == routing and torch.equal(bits(loaded_logits), bits(logits))
         assert loaded.edits == memoir.edits
     _assert_loads_as(folder, memoir)  # the original is untouched
+
+
+class _SentencePieceLikeTokenizer:
+    """What transformers 5.5 built from SmolLM2's GGUF vocabulary: most words become the unknown token."""
+
+    unk_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [0 if len(word) > 3 else 7 for word in text.split()]}
+
+    def decode(self, ids):
+        return " ".join("<unk>" if i == 0 else "is" for i in ids)
+
+
+class _LossyTokenizer(_SentencePieceLikeTokenizer):
+    unk_token_id = None
+
+
+def test_a_builtin_model_with_a_broken_tokenizer_is_refused_with_the_fix():
+    from memoir_hf.offline_models import check_tokenizer
+
+    for tokenizer in (_SentencePieceLikeTokenizer(), _LossyTokenizer()):
+        with pytest.raises(MemoirError, match="broken tokenizer for the smollm2 GGUF.*pip install -U transformers"):
+            check_tokenizer(tokenizer, "smollm2")
