@@ -34,16 +34,13 @@ def prompt_activations(memoir, texts: list[str]):
     """(prompt mean, last prompt token) of the memory layer's input for each text: two [n, d_ff] tensors."""
     import torch
 
-    from memoir_hf.fingerprint.activations import down_proj_inputs_in_batches
-    from memoir_hf.fingerprint.background import pad_token_id
+    from memoir_hf.fingerprint.background import text_activations
     from memoir_hf.fingerprint.tophash import last_token, mean_over_tokens
 
-    rows = [memoir.tokenizer(text)["input_ids"] for text in texts]
     means, lasts = [], []
     with torch.no_grad():
-        for activations, mask in down_proj_inputs_in_batches(memoir.base_model, memoir.layer, rows, batch_size=32,
-                                                              pad_id=pad_token_id(memoir.tokenizer)):
-            activations, mask = activations.float(), mask.float()
+        for activations, mask in text_activations(memoir.base_model, memoir.tokenizer, memoir.layer, texts,
+                                                  batch_size=32):
             means.append(mean_over_tokens(activations, mask))
             lasts.append(activations[torch.arange(len(activations)), last_token(mask)])
     return torch.cat(means), torch.cat(lasts)

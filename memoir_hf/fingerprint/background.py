@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 
 import torch
@@ -26,9 +26,17 @@ def compute_background(
     model: nn.Module, tokenizer, layer: MemoirLayer, tophash: TopHash, texts: Sequence[str]
 ) -> None:
     """Set ``tophash.background`` and ``spread`` from the prompt-mean activations of ``texts``."""
+    batches = text_activations(model, tokenizer, layer, texts)
+    tophash.set_background(torch.cat([mean_over_tokens(activations, mask) for activations, mask in batches]))
+
+
+def text_activations(model: nn.Module, tokenizer, layer: MemoirLayer, texts: Sequence[str],
+                     batch_size: int = BATCH_SIZE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The memory layer's inputs for ``texts``, batch by batch: float32 ([batch, seq, d_ff], [batch, seq] mask)."""
     rows = [tokenizer(text)["input_ids"] for text in texts]
-    batches = down_proj_inputs_in_batches(model, layer, rows, pad_id=pad_token_id(tokenizer), batch_size=BATCH_SIZE)
-    tophash.set_background(torch.cat([mean_over_tokens(a.float(), mask.float()) for a, mask in batches]))
+    for activations, mask in down_proj_inputs_in_batches(model, layer, rows, pad_id=pad_token_id(tokenizer),
+                                                         batch_size=batch_size):
+        yield activations.float(), mask.float()
 
 
 def pad_token_id(tokenizer) -> int:
