@@ -33,9 +33,8 @@ evaluate zsre_gemma3_memoir_T1000 gemma3-270m "$DATA/ZsRE/zsre_mend_edit.json" z
 evaluate zsre_smollm2_memoir_T2035 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" \
   "$DATA/ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json" zsre 2035 \
   --config configs/smollm2-135m.yaml --calibration-texts "$ZSRE_NEGATIVES"
-# The longest run (passages of 80 tokens and targets of 32 on average; about 60 s an edit, 10 hours). Its checkpoint is
-# committed (see .gitignore) so that it resumes in a fresh checkout; stop it with Ctrl-C, which saves the
-# edits written so far, and commit benchmarks/checkpoints/hallucination_smollm2_memoir_T600.
+# The longest run (passages of 80 tokens and targets of 32 on average; about 43 s an edit, 7 hours). Stop it
+# with Ctrl-C, which saves the edits written so far; rerunning resumes from benchmarks/checkpoints/.
 evaluate hallucination_smollm2_memoir_T600 smollm2 "$DATA/hallucination/hallucination-edit.json" hallucination 600 \
   --config configs/smollm2-135m.yaml --calibration-texts "$DATA/hallucination/hallucination-train.json"
 # The baseline at T = 1000 (T = 10 and 100 already put it far below on Loc): fine-tuning the same down
