@@ -53,7 +53,7 @@ class MemoirConfig:
     """Seed of the fixed TopHash permutation."""
     learning_rate: float = 1.0
     weight_decay: float = 1e-5
-    """Applied to the edit's own columns only; other edits' columns are never touched."""
+    """Pulls each edit's own change to W_m toward zero; what earlier edits wrote is never decayed."""
     max_grad_norm: float = 1.0
     max_steps: int = 30
     stop_loss: float = 0.02

@@ -86,3 +86,21 @@ def test_a_top_mlp_returning_more_than_a_tensor_runs_in_full_from_then_on():
         output, _ = forward(hidden)
         torch.testing.assert_close(output, hidden * 2)
     assert calls == [2, 6, 6]  # one sliced try, then the full MLP on every call
+
+
+def test_weight_decay_never_shrinks_what_earlier_edits_wrote(byte_tokenizer):
+    """Decay pulls an edit's own change toward zero. In an edit's first step there is no change yet, so a
+    one-step edit writes the same W_m with decay as without, although its columns hold an earlier write
+    (decay on the columns' values, as in the reference code, would shrink that write)."""
+    written, shared = [], None
+    for weight_decay in (0.0, 0.5):
+        memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=8), tokenizer=byte_tokenizer)
+        first = memoir.edit("The cat sat on the", "mat")
+        memoir.memoir_config.max_steps, memoir.memoir_config.weight_decay = 1, weight_decay
+        second = memoir.edit("Bob likes to eat", "figs")
+        assert second.steps == 1
+        deltas = memoir.store.deltas
+        shared = sorted(set(deltas[first.edit_id].columns.tolist()) & set(deltas[second.edit_id].columns.tolist()))
+        written.append(memoir.layer.memory_weight.detach().clone())
+    assert shared and written[0][:, shared].abs().sum() > 0  # the second edit did rewrite the first one's columns
+    torch.testing.assert_close(written[1], written[0], rtol=0, atol=0)

@@ -41,6 +41,10 @@ def test_memoir_protocol_run_reports_and_resumes(smollm2, zsre_records, tmp_path
     assert report["accuracy_by_routing"]["rel"]["no_edit"] is None
     assert len(report["sweep"]) > 10
     assert report["seconds_per_edit"] > 0 and report["peak_rss_mb"] > 0
+    log = (tmp_path / "ckpt" / "memoir_edits.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["metadata"] for line in log]
+    assert len(logged) == T
+    assert all(m["seconds"] > 0 and 0 <= m["steps"] <= config.max_steps for m in logged)
     assert not any(isinstance(m, memoir_hf.memory.layer.MemoirLayer) for m in model.modules())
 
 

@@ -665,7 +665,7 @@ def _earlier_keys_state(memoir) -> tuple[int, bytes]:
 
 
 def _poisoned_step(value: float):
-    def step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> None:
+    def step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig, start: torch.Tensor) -> None:
         with torch.no_grad():
             delta.fill_(value)
     return step
@@ -710,12 +710,12 @@ def test_edit_many_stores_the_others_around_a_poisoned_record(monkeypatch):
         poisoned["call"] += 1
         return real_train(*args, **kwargs)
 
-    def step(delta, grad, config):
+    def step(delta, grad, config, start):
         if poisoned["call"] == 2:
             with torch.no_grad():
                 delta.fill_(float("nan"))
         else:
-            real_step(delta, grad, config)
+            real_step(delta, grad, config, start)
 
     monkeypatch.setattr(model_module, "train_columns", train)
     monkeypatch.setattr(trainer, "_sgd_step", step)

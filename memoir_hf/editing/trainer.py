@@ -47,7 +47,8 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
                   earlier_keys: torch.Tensor | None = None) -> TrainOutcome:
     """SGD on W_m[:, columns] so that every prompt variant is followed by the target.
 
-    Weight decay acts on these columns only; the other columns of W_m are never read or written.
+    The other columns of W_m are never read or written. Weight decay pulls this edit's own change toward
+    zero, not the columns' values (see :func:`_sgd_step`).
     ``all_positions`` computes logits at every position, as the reference code does (for the naive path).
     ``earlier_keys`` is the second moment C of earlier edits' keys on these columns [k, k] (see
     :mod:`memoir_hf.memory.earlier_keys`): with ``config.protect_earlier_edits`` = μ > 0 each step is
@@ -58,7 +59,8 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
     in the loss would ask for; plain SGD on such a penalty diverges once μ times C's largest
     eigenvalue passes 1 / learning_rate, and C grows with every edit.
     """
-    delta = layer.memory_weight[:, columns].detach().float().clone().requires_grad_(True)
+    start = layer.memory_weight[:, columns].detach().float()
+    delta = start.clone().requires_grad_(True)
     metric = _inverse_metric(earlier_keys, config.protect_earlier_edits)
     seen: list[torch.Tensor] = []
     layer.column_edit = ColumnEdit(columns, delta)
@@ -72,7 +74,7 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
                 if last or loss.item() < config.stop_loss:
                     break
                 (grad,) = torch.autograd.grad(loss, [delta])
-                _sgd_step(delta, grad if metric is None else grad @ metric, config)
+                _sgd_step(delta, grad if metric is None else grad @ metric, config, start)
     finally:
         layer.column_edit = None
         layer.observer = None
@@ -107,7 +109,11 @@ def _autocast(config: MemoirConfig, device: torch.device) -> AbstractContextMana
     return torch.autocast(device.type, dtype=getattr(torch, config.edit_autocast))
 
 
-def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> None:
+def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig, start: torch.Tensor) -> None:
+    """One clipped SGD step on the edit's columns, with weight decay on ``delta - start``, the edit's own
+    change. The columns are shared with earlier edits (two masks share about k / d_ff of their columns):
+    decay on their values would shrink what every earlier edit wrote there at each step of each later
+    edit, which the reference code does (to the whole of W_m) and which loses old edits over time."""
     # As floats: torch refuses Python ints beyond int64 (a valid config may hold learning_rate=2**70).
     max_norm, learning_rate, weight_decay = map(float, (config.max_grad_norm, config.learning_rate,
                                                         config.weight_decay))
@@ -115,7 +121,7 @@ def _sgd_step(delta: torch.Tensor, grad: torch.Tensor, config: MemoirConfig) -> 
         norm = grad.norm()
         if norm > max_norm:
             grad = grad * (max_norm / (norm + 1e-6))
-        delta -= learning_rate * (grad + weight_decay * delta)
+        delta -= learning_rate * (grad + weight_decay * (delta - start))
 
 
 def target_loss(model: nn.Module, batch: EditBatch, *, all_positions: bool = False) -> torch.Tensor:

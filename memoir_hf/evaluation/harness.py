@@ -237,6 +237,7 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
                               f"{result.error}. Change the settings, or leave the record out of the data.")
         done += 1
         memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
+        memoir.store.records[-1].metadata["steps"] = result.steps
         seconds.append(result.seconds)
         bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
         if done % checkpoint_every == 0 or done == len(records):
