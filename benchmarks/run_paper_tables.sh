@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long runs of the results table: on SmolLM2 ZsRE T=1000 (paper's k, k = 0.1, protected write) and
+# The long runs of the results table: on SmolLM2 ZsRE T=1000 (paper's k, k = 0.1, protected write, and it without weight decay) and
 # CounterFact T=1000; ZsRE T=100 / T=1000 on Gemma-3-270M; ZsRE beyond 1000 (T=2035); hallucination
 # T=600; FT-L at T=1000. Hours on 2 CPU cores; every run checkpoints its memory every 50 edits under
 # benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose results
@@ -22,6 +22,9 @@ evaluate zsre_smollm2_memoir_sparse_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.jso
 # The protected write (configs/smollm2-135m-protect.yaml), which lifted Rel at T = 100.
 evaluate zsre_smollm2_memoir_protect_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --config configs/smollm2-135m-protect.yaml --calibration-texts "$ZSRE_NEGATIVES"
+# The same with weight decay off: decay used to shrink earlier edits' writes on shared columns.
+evaluate zsre_smollm2_memoir_protect_nodecay_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --config configs/smollm2-135m-protect-nodecay.yaml --calibration-texts "$ZSRE_NEGATIVES"
 # CounterFact and hallucination calibrate τ on the locality prompts of their own train split.
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
   --config configs/smollm2-135m.yaml --calibration-texts "$DATA/counterfact/counterfact-train.json"
