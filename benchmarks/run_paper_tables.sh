@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The long runs of the results table: on SmolLM2 ZsRE T=1000 (paper's k, k = 0.1, protected write, and it without weight decay) and
-# CounterFact T=1000; ZsRE T=100 / T=1000 on Gemma-3-270M; ZsRE beyond 1000 (T=2035); hallucination
-# T=600; FT-L at T=1000. Hours on 2 CPU cores; every run checkpoints its memory every 50 edits under
-# benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run whose results
-# JSON exists is skipped).
+# The long runs of the results table: on SmolLM2 ZsRE T=1000 (paper's k, k = 0.1, protected write with
+# and without weight decay) and CounterFact T=1000; ZsRE T=100 / T=1000 on Gemma-3-270M; ZsRE beyond 1000
+# (T=2035); hallucination T=600; FT-L at T=1000. Hours on 2 CPU cores; every run checkpoints its memory
+# every 50 edits under benchmarks/checkpoints/, and rerunning this script resumes where it stopped (a run
+# whose results JSON exists is skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_WAIT_POLICY=PASSIVE
