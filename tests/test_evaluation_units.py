@@ -1053,10 +1053,12 @@ def test_series_label_tells_mask_settings_apart():
                                                        "protect_earlier_edits": 0.01}}
     unprotected = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30,
                                                          "protect_earlier_edits": 0.0}}
+    undecayed = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30,
+                                                       "protect_earlier_edits": 0.01, "weight_decay": 0.0}}
     ft_l = {"method": "ft-l", "memoir_config": {"top_k": 1536, "max_steps": 30}}
-    assert [series_label(r) for r in (paper, sparse, standardized, protected, unprotected, ft_l)] == [
+    assert [series_label(r) for r in (paper, sparse, standardized, protected, unprotected, undecayed, ft_l)] == [
         "memoir", "memoir k=0.1, 60 steps", "memoir k=0.1, 60 steps, standardized", "memoir protect 0.01", "memoir",
-        "ft-l"]
+        "memoir protect 0.01, no weight decay", "ft-l"]
 
 
 def test_plot_scaling_writes_png(tmp_path):
