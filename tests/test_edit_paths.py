@@ -92,7 +92,7 @@ def test_weight_decay_never_shrinks_what_earlier_edits_wrote(byte_tokenizer):
     """Decay pulls an edit's own change toward zero. In an edit's first step there is no change yet, so a
     one-step edit writes the same W_m with decay as without, although its columns hold an earlier write
     (decay on the columns' values, as in the reference code, would shrink that write)."""
-    written, shared = [], None
+    written = []
     for weight_decay in (0.0, 0.5):
         memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=8), tokenizer=byte_tokenizer)
         first = memoir.edit("The cat sat on the", "mat")

@@ -236,8 +236,7 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
             raise MemoirError(f"record {record.index} ({record.prompt!r}) could not be edited after {done} edits: "
                               f"{result.error}. Change the settings, or leave the record out of the data.")
         done += 1
-        memoir.store.records[-1].metadata["seconds"] = round(result.seconds, 4)
-        memoir.store.records[-1].metadata["steps"] = result.steps
+        memoir.store.records[-1].metadata.update(seconds=round(result.seconds, 4), steps=result.steps)
         seconds.append(result.seconds)
         bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
         if done % checkpoint_every == 0 or done == len(records):
