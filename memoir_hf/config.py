@@ -63,10 +63,6 @@ class MemoirConfig:
     taken in the metric I + μC, with C the second moment of those tokens' masked keys (see
     ``editing.trainer.train_columns``). 0 is the paper's write. Above 0 the memory keeps C, a
     d_ff x d_ff float32 matrix (9 MB on SmolLM2-135M, 822 MB on LLaMA-3-8B)."""
-    protect_average: bool = False
-    """Take C as the mean over the earlier edits instead of their sum, so that μ protects as strongly
-    at the 10th edit as at the 1,000th. With the sum, μC grows with every edit: a μ that leaves the
-    1,000th edit room to reach its target barely protects the first edits from the next hundred."""
     edit_autocast: str | None = None
     """None trains edits in the model's dtype. "bfloat16" or "float16" runs each optimisation step
     under torch.autocast (steps 1.25x faster on this project's CPU with bf16 support); W_m, its update and the
@@ -149,9 +145,8 @@ class MemoirConfig:
         _check_int("max_steps", self.max_steps, low=1)
         _check_number("stop_loss", self.stop_loss, low=0.0)
         _check_number("protect_earlier_edits", self.protect_earlier_edits, low=0.0, finite=True)
-        for name in ("protect_average", "keep_edit_deltas"):
-            if not isinstance(getattr(self, name), bool):
-                raise MemoirConfigError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if not isinstance(self.keep_edit_deltas, bool):
+            raise MemoirConfigError(f"keep_edit_deltas must be True or False, got {self.keep_edit_deltas!r}.")
         if self.edit_autocast not in AUTOCAST_DTYPES:
             raise MemoirConfigError(f"edit_autocast must be one of {AUTOCAST_DTYPES}, got {self.edit_autocast!r}.")
         if not all(isinstance(s, str) and s and valid_unicode(s) for s in self.prefix_starts):

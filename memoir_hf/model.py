@@ -357,8 +357,7 @@ class MemoirModel(nn.Module):
             mask = self._fingerprint(encoded.prompt_ids)
             columns = mask.nonzero().squeeze(1)
             batch = self._edit_batch(fact.prompt, encoded, self._context_length)
-            earlier = (self._earlier_keys().restricted_to(columns, average=self.memoir_config.protect_average)
-                       if self._protects_earlier_edits else None)
+            earlier = self._earlier_keys().restricted_to(columns) if self._protects_earlier_edits else None
             with self._frozen_prefix(batch):
                 outcome = train_columns(self.base_model, self._layer, batch, columns, self.memoir_config,
                                         all_positions=self.edit_path == "naive", earlier_keys=earlier)

@@ -80,32 +80,6 @@ def test_protection_moves_the_earlier_edit_less_and_still_writes_the_new_one():
     assert [record.success for record in memoir.store.records] == [True, True]
 
 
-def test_averaged_protection_is_the_summed_one_divided_by_the_number_of_earlier_edits():
-    """protect_average takes C as the mean over earlier edits: μ on the mean of two edits is μ / 2 on their sum."""
-    def memoir_with(**settings) -> memoir_hf.MemoirModel:
-        config = fast_config(top_k=0.75, max_steps=20, learning_rate=3.0, max_grad_norm=3.0, **settings)
-        return memoir_hf.patch(make_tiny_model("llama"), config, tokenizer=make_byte_tokenizer())
-
-    averaged = memoir_with(protect_earlier_edits=1.0, protect_average=True)
-    summed = memoir_with(protect_earlier_edits=1.0)
-    for fact in (FIRST, SECOND):  # one earlier edit: its mean is its sum
-        averaged.edit(*fact)
-        summed.edit(*fact)
-    assert torch.equal(averaged.layer.memory_weight, summed.layer.memory_weight)
-    written_with_sum = summed.layer.memory_weight.clone()
-    summed.memoir_config.protect_earlier_edits = 0.5
-    averaged.edit(*THIRD)
-    summed.edit(*THIRD)
-    assert torch.equal(averaged.layer.memory_weight, summed.layer.memory_weight)
-    assert not torch.equal(averaged.layer.memory_weight, written_with_sum)  # the third edit wrote something
-
-
-@pytest.mark.parametrize("value", [1, "yes", None])
-def test_protect_average_must_be_true_or_false(value):
-    with pytest.raises(MemoirConfigError, match="protect_average must be True or False"):
-        memoir_hf.MemoirConfig(protect_average=value)
-
-
 def test_no_moment_is_kept_without_protection():
     memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(), tokenizer=make_byte_tokenizer())
     memoir.edit(*FIRST)
@@ -152,8 +126,7 @@ def test_an_unprotected_checkpoint_stays_format_1_without_keys(tmp_path):
     memoir.edit(*FIRST)
     memoir.save_pretrained(tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "memoir_config.json").read_text())
-    assert manifest["format_version"] == 1
-    assert not {"protect_earlier_edits", "protect_average"} & set(manifest["memoir_config"])
+    assert manifest["format_version"] == 1 and "protect_earlier_edits" not in manifest["memoir_config"]
     assert not any("earlier_keys" in name for name in load_file(tmp_path / "ckpt" / MEMORY_FILE))
     assert attach(tmp_path / "ckpt").earlier_keys is None
 

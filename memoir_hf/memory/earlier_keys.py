@@ -52,16 +52,14 @@ class EarlierKeys:
             self.edits -= 1
             raise
 
-    def restricted_to(self, columns: torch.Tensor, *, average: bool = False) -> torch.Tensor | None:
-        """The second moment on these columns [k, k] (on their device), summed over the recorded edits or, with
-        ``average``, their mean; None before any edit was recorded.
+    def restricted_to(self, columns: torch.Tensor) -> torch.Tensor | None:
+        """The summed second moment on these columns [k, k] (on their device), or None before any edit was recorded.
 
         The moment stays on the device it was made on, wherever the model has moved since.
         """
         if not self.edits:
             return None
-        block = self.moment_sum[self._block(columns)].to(columns.device)
-        return block / self.edits if average else block
+        return self.moment_sum[self._block(columns)].to(columns.device)
 
     def _block(self, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The index of the [k, k] block of ``moment_sum`` on these columns."""

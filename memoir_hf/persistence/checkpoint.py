@@ -42,7 +42,7 @@ from ..memory.store import EditDelta, EditRecord, EditStore
 FORMAT_VERSION = 2
 """The newest format this library reads. Version 2 added the spread the standardized aggregation divides
 by, and the earlier edits' keys with the ``protect_earlier_edits`` setting."""
-FORMAT_2_SETTINGS = {"protect_earlier_edits": 0.0, "protect_average": False}
+FORMAT_2_SETTINGS = {"protect_earlier_edits": 0.0}
 """Settings a version 1 reader does not know, with their defaults: left out of the manifest at the default."""
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
