@@ -65,6 +65,13 @@ def write_report(name: str, report: dict) -> Path:
     return path
 
 
+def merge_run(name: str, key: str, result: dict) -> Path:
+    """Add (or replace) one entry of the ``runs`` of benchmarks/results/NAME.json, keeping the others."""
+    path = RESULTS / f"{name}.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    return write_report(name, {"runs": {**runs, key: result}})
+
+
 def current_rss_mb() -> float:
     """Resident memory of this process now, in MB (Linux)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])

@@ -13,11 +13,10 @@ benchmarks/results/rel_by_age.json (one entry a checkpoint, merged with what the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from statistics import mean
 
-from _common import RESULTS, markdown_table, parse_args, write_report
+from _common import markdown_table, merge_run, parse_args
 
 
 def rel_by_block(checkpoint: Path, model_name: str, block: int) -> dict:
@@ -57,9 +56,7 @@ def main() -> None:
         [f"{i * args.block + 1}-{min((i + 1) * args.block, result['edits'])}", f"{rel:.3f}", f"{right:.2f}"]
         for i, (rel, right) in enumerate(zip(result["rel_by_block"], result["written_right_by_block"], strict=True))]))
     print(f"Rel {result['rel']:.3f}; {result['own_edit']} of {result['edits']} edit prompts read their own edit")
-    path = RESULTS / f"{args.name}.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
-    write_report(args.name, {"runs": {**runs, args.checkpoint.name: result}})
+    merge_run(args.name, args.checkpoint.name, result)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # ZsRE on SmolLM2-135M: MEMOIR at T = 1, 10, 100 (and 1000 with RUN_1000=1), FT-L at T = 10, 100, and
 # MEMOIR with the sparser mask (configs/smollm2-135m-sparse.yaml) at T = 100 with 30 and 60 steps, with
 # the standardized fingerprint (configs/smollm2-135m-standardized.yaml) and with the protected write
-# (configs/smollm2-135m-protect.yaml) at T = 100.
+# (configs/smollm2-135m-protect.yaml, and -0.05.yaml five times as strong) at T = 100.
 # Each run checkpoints its memory under benchmarks/checkpoints/ and resumes if interrupted; a run whose
 # results JSON exists is skipped.
 set -euo pipefail
@@ -32,3 +32,6 @@ evaluate zsre_smollm2_memoir_standardized_T100 smollm2 "$DATA" zsre 100 \
 # The protected write: each edit's steps avoid what earlier edits' tokens read.
 evaluate zsre_smollm2_memoir_protect_T100 smollm2 "$DATA" zsre 100 \
   --config configs/smollm2-135m-protect.yaml --calibration-texts "$NEGATIVES"
+# Five times as strong, without weight decay: each edit has less room, the earlier edits lose less.
+evaluate zsre_smollm2_memoir_protect05_nodecay_T100 smollm2 "$DATA" zsre 100 \
+  --config configs/smollm2-135m-protect-0.05.yaml --calibration-texts "$NEGATIVES"
