@@ -7,6 +7,7 @@ optional ``metadata`` object is kept; any other key or CSV column becomes metada
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -54,7 +55,7 @@ def fact_records(items: Any, caller: str) -> list[Any]:
 
 def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:
     rows = []
-    for line, content in enumerate(text.splitlines(), start=1):
+    for line, content in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a value
         if not content.strip():
             continue
         try:
@@ -65,7 +66,7 @@ def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:
 
 
 def _csv_rows(text: str) -> list[tuple[int, Any]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps quoted fields that span lines whole
     rows = []
     for row in reader:
         if any(value and value.strip() for key, value in row.items() if key is not None):

@@ -277,9 +277,13 @@ def _read_edits(path: Path) -> list[EditRecord]:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise CheckpointError(f"{path} is truncated or corrupt (not UTF-8: {error}).") from None
+    # Not splitlines: an edit's text may hold U+2028, which json.dumps(ensure_ascii=False) writes unescaped.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     for number, line in enumerate(lines, start=1):
         try:
             values = json.loads(line)
