@@ -253,16 +253,17 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
             memoir.store.records[-1].metadata.update(seconds=round(result.seconds, 4), steps=result.steps)
             seconds.append(result.seconds)
             bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
+            if done % checkpoint_every == 0 or done == len(records):
+                _save_checkpoint(memoir, checkpoint_dir)
         except BaseException:
-            # Keep the edits since the last checkpoint, which on a long run can be an hour of work. Ctrl-C
-            # leaves the memory as it was before this edit, unless it came during the success check that
-            # follows the write: then the edit is stored, and its success is checked when the run resumes.
+            # Keep the edits since the last checkpoint, which on a long run can be an hour of work, whatever
+            # stopped the run (Ctrl-C, an error, even during a checkpoint save, which is atomic). Ctrl-C leaves
+            # the memory as it was before this edit, unless it came during the success check that follows
+            # the write: then the edit is stored, and its success is checked when the run resumes.
             if len(memoir.edits) > done:
                 memoir.store.records[-1].metadata[UNCHECKED] = True
             _save_checkpoint(memoir, checkpoint_dir)
             raise
-        if done % checkpoint_every == 0 or done == len(records):
-            _save_checkpoint(memoir, checkpoint_dir)
     return seconds
 
 
