@@ -877,6 +877,22 @@ def test_any_error_mid_run_saves_the_edits_before_it(tmp_path, monkeypatch):
     assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
 
 
+def test_a_failed_rescue_save_warns_and_the_error_that_stopped_the_run_is_raised(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+
+    def edit_crashes(self, prompt, target, **kwargs):
+        raise RuntimeError("out of memory")
+
+    def save_fails(*args, **kwargs):
+        raise memoir_hf.SaveError("disk full")
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", edit_crashes)
+    monkeypatch.setattr(memoir_hf.MemoirModel, "save_pretrained", save_fails)
+    with pytest.raises(RuntimeError, match="out of memory"), pytest.warns(UserWarning, match="disk full"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=100)
+
+
 @pytest.mark.parametrize("field", ["prompt", "rephrase", "loc"])
 def test_run_refuses_a_record_longer_than_the_context_before_editing(tmp_path, monkeypatch, field):
     """Scoring a too-long rephrase or loc prompt would fail after every edit (learned positions) or score
@@ -1121,6 +1137,15 @@ def test_plot_sweep_writes_png(tmp_path, with_gen):
     path = tmp_path / "sweep.png"
     plot_sweep(report(with_gen=with_gen), path)
     assert_png(path)
+
+
+def test_plot_without_a_suffix_is_a_png_as_matplotlib_names_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    from memoir_hf.evaluation.plots import plot_sweep
+
+    plot_sweep(report(with_gen=True), tmp_path / "sweep")
+    assert_png(tmp_path / "sweep.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
 
 
 def test_series_label_tells_mask_settings_apart():

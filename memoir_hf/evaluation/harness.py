@@ -78,6 +78,7 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
                    "data": str(data) if isinstance(data, (str, os.PathLike)) else [str(d) for d in data],
                    "format": format, "wall_seconds": time.perf_counter() - started})
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)  # made before editing; gone since?
         with atomic_file(out) as temporary:
             temporary.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if plot is not None and report["sweep"]:
@@ -262,7 +263,10 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
             # the write: then the edit is stored, and its success is checked when the run resumes.
             if len(memoir.edits) > done:
                 memoir.store.records[-1].metadata[UNCHECKED] = True
-            _save_checkpoint(memoir, checkpoint_dir)
+            try:
+                _save_checkpoint(memoir, checkpoint_dir)
+            except Exception as save_error:  # report what stopped the run, not the failed rescue
+                warnings.warn(f"the edits since the last checkpoint could not be saved: {save_error}", stacklevel=2)
             raise
     return seconds
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_AGGREGATION, DEFAULT_TOP_K
@@ -89,6 +90,9 @@ def write_settings(config: dict[str, Any]) -> list[str]:
 
 
 def _save(plt: Any, figure: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    if not path.suffix:  # as matplotlib itself would name it (the temporary file's suffix sets the format)
+        path = path.with_suffix(".png")
     try:
         with atomic_file(path) as temporary:
             figure.savefig(temporary, dpi=120)
