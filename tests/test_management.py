@@ -467,6 +467,13 @@ def test_read_csv_keeps_a_quoted_field_that_spans_lines(tmp_path):
     ]
 
 
+def test_a_bad_csv_row_is_named_by_the_line_it_starts_on(tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text('prompt,target,note\n\nThe sky is,blue,"line one\nline two"\n\n"Snow\nis",,\n', encoding="utf-8")
+    with pytest.raises(EditInputError, match="csv line 6:"):  # the reader has read to line 7
+        read_facts(path)
+
+
 @pytest.mark.parametrize("name, content", [
     ("facts.jsonl", '{"prompt": "The sky is", "target": "blue", "answer": "green"}\n'),
     ("facts.csv", "prompt,target,answer\nThe sky is,blue,green\n"),

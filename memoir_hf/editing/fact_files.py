@@ -70,8 +70,15 @@ def _csv_rows(text: str) -> list[tuple[int, Any]]:
     rows = []
     for row in reader:
         if any(value and value.strip() for key, value in row.items() if key is not None):
-            rows.append((reader.line_num, {key: value for key, value in row.items() if value not in (None, "")}))
+            rows.append((_first_line(reader.line_num, row), {key: value for key, value in row.items()
+                                                            if value not in (None, "")}))
     return rows
+
+
+def _first_line(last_line: int, row: dict[str | None, Any]) -> int:
+    """The line a CSV row starts on: the reader counts to its last, and a quoted field may span lines."""
+    values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+    return last_line - sum(value.count("\n") for value in values if isinstance(value, str))
 
 
 def _record(row: Any, where: str) -> dict[str, Any]:
