@@ -59,9 +59,12 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def write_report(name: str, report: dict) -> Path:
+    from memoir_hf.persistence.atomic import atomic_file  # imports torch: not before quiet_threads
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
     return path
 
 

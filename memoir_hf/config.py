@@ -32,8 +32,8 @@ MAX_SEED = 2**64 - 1
 class MemoirConfig:
     """Settings of a MEMOIR memory. Defaults follow the paper (arXiv 2506.07899).
 
-    Structural settings (``layer``, ``top_k``, ``aggregation``, ``seed``) are fixed when a model is
-    patched; the others (``threshold`` and the optimiser settings) may be changed at any time, and
+    Structural settings (``layer``, ``top_k``, ``aggregation``, ``seed``, ``background_prompts``) are
+    fixed when a model is patched; the others (``threshold`` and the optimiser settings) may be changed at any time, and
     every assignment is validated.
     """
 

@@ -199,6 +199,8 @@ class MemoirModel(nn.Module):
                               "were computed with the current one.")
         texts = _text_list(texts, "compute_background needs a non-empty list of non-empty strings")
         check_spread_texts(self.memoir_config.aggregation, texts)
+        tokenizer = self._require_tokenizer()
+        self._check_fit([tokenizer(t)["input_ids"] for t in texts], "background texts")
         with self._inference_mode():
             compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash, texts)
 
@@ -437,17 +439,21 @@ class MemoirModel(nn.Module):
                  if unrelated_texts is not None else default_background_prompts())
         tokenizer = self._require_tokenizer()
         rows = [tokenizer(t)["input_ids"] for t in texts]
-        limit = self._context_length
-        too_long = [i for i, row in enumerate(rows) if limit is not None and len(row) > limit]
-        if too_long:
-            raise EditInputError(f"unrelated_texts[{too_long[0]}] is {len(rows[too_long[0]])} tokens, longer than "
-                                 f"the model's context of {limit}; shorten it.")
+        self._check_fit(rows, "unrelated_texts")
         with self._inference_mode():
             _, negatives = self.store.nearest(self._fingerprints(rows))
             positives = self._prefixed_overlaps(self.store.records[:max_edits])
         calibration = choose_threshold(negatives, positives, negative_q=negative_quantile, positive_q=positive_quantile)
         self.memoir_config.threshold = calibration.threshold
         return calibration
+
+    def _check_fit(self, rows: Sequence[Sequence[int]], name: str) -> None:
+        """EditInputError naming the first of ``rows`` (token ids of ``name`` texts) longer than the context."""
+        limit = self._context_length
+        too_long = [i for i, row in enumerate(rows) if limit is not None and len(row) > limit]
+        if too_long:
+            raise EditInputError(f"{name}[{too_long[0]}] is {len(rows[too_long[0]])} tokens, longer than the model's "
+                                 f"context of {limit}; shorten it.")
 
     def _prefixed_overlaps(self, records: Sequence[EditRecord]) -> np.ndarray:
         """Overlap of each edit prompt behind each context prefix with that edit's own mask."""

@@ -570,6 +570,8 @@ def test_compute_background():
     for bad in ([], "some text", ["ok", ""], ["ok", 3]):
         with pytest.raises(MemoirError):
             memoir.compute_background(bad)
+    with pytest.raises(EditInputError, match=r"background texts\[1\] is \d+ tokens, longer than the model's context"):
+        memoir.compute_background(["ok", "word " * 300])
     assert torch.equal(memoir.layer.tophash.background, changed)
     memoir.edit(*FACTS[0])
     with pytest.raises(MemoirError, match="before the first edit"):

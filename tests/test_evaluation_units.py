@@ -25,7 +25,7 @@ import memoir_hf
 from memoir_hf import EditRecord, MemoirConfig, MemoirConfigError, MemoirError, RoutingDecision
 from memoir_hf.cli import main
 from memoir_hf.evaluation import harness
-from memoir_hf.evaluation.datasets import FORMATS, DataError, EvalRecord, load_records
+from memoir_hf.evaluation.datasets import FORMATS, DataError, EvalRecord, load_many, load_records
 from memoir_hf.evaluation.harness import (
     _accuracy_by_routing,
     _by_conflict,
@@ -192,6 +192,11 @@ def test_jsonl_fields_optional_parts_and_line_indexes(tmp_path):
     assert records[1] == EvalRecord(index=2, prompt="Prompt 2", target="Target 2", rephrase="R2", loc="L2",
                                     loc_ans="A2", subject="S2")
     assert records[2].rephrase is None and records[2].loc == "L4" and records[2].loc_ans == "A4"
+
+
+def test_no_data_file_is_a_data_error():
+    with pytest.raises(DataError, match="no data file"):
+        load_many([], "zsre")
 
 
 def test_path_may_be_a_string(tmp_path):
@@ -777,7 +782,9 @@ def never_edit(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("what", ["out is a folder", "plot is a folder", "plot of ft-l", "plot, no matplotlib"])
+@pytest.mark.parametrize("what", ["out is a folder", "plot is a folder", "plot of ft-l", "plot, no matplotlib",
+                                  "checkpoint_dir is a file", "calibration texts for ft-l",
+                                  "calibration texts with a threshold"])
 def test_run_refuses_an_output_it_could_not_write_before_editing(tmp_path, monkeypatch, what):
     model, data, config = tiny_run_inputs(tmp_path)
     calls = never_edit(monkeypatch)
@@ -785,10 +792,13 @@ def test_run_refuses_an_output_it_could_not_write_before_editing(tmp_path, monke
     folder.mkdir()
     arguments = {"out is a folder": {"out": folder}, "plot is a folder": {"plot": folder},
                  "plot of ft-l": {"plot": tmp_path / "p.png", "method": "ft-l", "threshold": None},
-                 "plot, no matplotlib": {"plot": tmp_path / "p.png"}}[what]
+                 "plot, no matplotlib": {"plot": tmp_path / "p.png"},
+                 "checkpoint_dir is a file": {"checkpoint_dir": data},
+                 "calibration texts for ft-l": {"method": "ft-l", "threshold": None, "calibration_texts": ["a b"]},
+                 "calibration texts with a threshold": {"calibration_texts": ["a b"]}}[what]
     if what == "plot, no matplotlib":
         monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MemoirError, match="folder|ft-l|matplotlib"):
+    with pytest.raises(MemoirError, match="folder|ft-l|matplotlib|is a file|--threshold already sets"):
         harness.run((model, make_byte_tokenizer()), data, **{"format": "jsonl", "edits": 2, "config": config,
                                                              "threshold": 0.5, "progress": False, **arguments})
     assert not calls
@@ -848,6 +858,78 @@ def test_an_edit_error_saves_the_edits_before_it_and_names_the_record(tmp_path, 
         harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
                     progress=False, checkpoint_dir=checkpoint, checkpoint_every=100)
     assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
+
+
+def test_any_error_mid_run_saves_the_edits_before_it(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    real_edit = memoir_hf.MemoirModel.edit
+
+    def second_edit_crashes(self, prompt, target, **kwargs):
+        if len(self.edits) == 1:
+            raise RuntimeError("out of memory")
+        return real_edit(self, prompt, target, **kwargs)
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", second_edit_crashes)
+    checkpoint = tmp_path / "ck"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False, checkpoint_dir=checkpoint, checkpoint_every=100)
+    assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
+
+
+def test_a_failed_rescue_save_warns_and_the_error_that_stopped_the_run_is_raised(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+
+    def edit_crashes(self, prompt, target, **kwargs):
+        raise RuntimeError("out of memory")
+
+    def save_fails(*args, **kwargs):
+        raise memoir_hf.SaveError("disk full")
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", edit_crashes)
+    monkeypatch.setattr(memoir_hf.MemoirModel, "save_pretrained", save_fails)
+    with pytest.raises(RuntimeError, match="out of memory"), pytest.warns(UserWarning, match="disk full"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False, checkpoint_dir=tmp_path / "ck", checkpoint_every=100)
+
+
+@pytest.mark.parametrize("field", ["prompt", "rephrase", "loc"])
+def test_run_refuses_a_record_longer_than_the_context_before_editing(tmp_path, monkeypatch, field):
+    """Scoring a too-long rephrase or loc prompt would fail after every edit (learned positions) or score
+    garbage (rotary ones): the run refuses it before the first edit, naming the record and the field."""
+    long_text = "word " * 300  # the byte tokenizer makes this 1,500 tokens; the tiny models read 256
+    row = {"prompt": jsonl_row(1, prompt=long_text), "rephrase": jsonl_row(1, rephrase=long_text),
+           "loc": jsonl_row(1, loc=long_text, loc_ans="A")}[field]
+    model, _, config = tiny_run_inputs(tmp_path)
+    data = write_jsonl(tmp_path / "long.jsonl", [jsonl_row(0), row])
+    calls = never_edit(monkeypatch)
+    with pytest.raises(memoir_hf.EditInputError, match=f"record 1 \\({field} .*longer than the model's context"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False)
+    assert not calls
+
+
+def test_a_report_write_that_fails_midway_leaves_the_older_report_whole(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    monkeypatch.setattr(harness, "_edit_and_evaluate", lambda *args: {"sweep": None, "big": "x" * 100_000})
+    out = tmp_path / "report.json"
+    out.write_text('{"old": true}', encoding="utf-8")
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                    progress=False, out=out)
+    assert json.loads(out.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "report.json"]  # no temporary left
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
+                progress=False, out=out)
+    assert json.loads(out.read_text())["big"] == "x" * 100_000
 
 
 def test_ctrl_c_saves_the_edits_before_it_and_a_rerun_resumes_after_them(tmp_path, monkeypatch):
@@ -982,6 +1064,22 @@ def test_cli_bad_config_keys_exit_1(capsys, tmp_path, good_data):
     assert "none" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("with_config_file", [False, True])
+def test_cli_memoir_environment_variables_apply_with_or_without_config(monkeypatch, tmp_path, good_data,
+                                                                     with_config_file):
+    seen = []
+    monkeypatch.setattr(harness, "run", lambda *args, config, **kwargs: seen.append(config) or
+                        {"method": "memoir", "edits": 1, "threshold": 0.5, "metrics": {},
+                                                           "edit_success_rate": 1.0, "seconds_per_edit": 1.0})
+    monkeypatch.setenv("MEMOIR_MAX_STEPS", "7")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"learning_rate": 2.0}), encoding="utf-8")
+    argv = ["eval", "--model", "smollm2", "--data", str(good_data)]
+    assert cli(argv + (["--config", str(config_file)] if with_config_file else [])) == 0
+    assert seen[0].max_steps == 7
+    assert seen[0].learning_rate == (2.0 if with_config_file else MemoirConfig().learning_rate)
+
+
 def test_cli_config_not_json_one_line_error(capsys, tmp_path, good_data):
     config = tmp_path / "config.json"
     config.write_text("{threshold: 0.5", encoding="utf-8")
@@ -1039,6 +1137,15 @@ def test_plot_sweep_writes_png(tmp_path, with_gen):
     path = tmp_path / "sweep.png"
     plot_sweep(report(with_gen=with_gen), path)
     assert_png(path)
+
+
+def test_plot_without_a_suffix_is_a_png_as_matplotlib_names_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    from memoir_hf.evaluation.plots import plot_sweep
+
+    plot_sweep(report(with_gen=True), tmp_path / "sweep")
+    assert_png(tmp_path / "sweep.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
 
 
 def test_series_label_tells_mask_settings_apart():

@@ -292,6 +292,44 @@ def test_adopted_ivf_answers_like_the_exact_search_with_ties_to_newest(monkeypat
     assert np.array_equal(positions, expected_positions)
 
 
+def test_a_query_the_ivf_misses_is_answered_by_the_exact_search(monkeypatch):
+    """An IVF index whose probed lists are empty returns label -1; that must not become "the newest edit"."""
+    pytest.importorskip("faiss")
+    import memoir_hf.index.mask_index as mask_index
+    from memoir_hf.index.sublinear import IvfTrial
+
+    def adopt(codes, exact, top_k, **kwargs):
+        ivf, trial = real_measure(codes, exact, top_k, **kwargs)
+        return ivf, IvfTrial(trial.n_masks, ivf.nlist, ivf.nprobe, 1.0, 1.0, 0.1)
+
+    real_measure = mask_index.measure_ivf
+    monkeypatch.setattr(mask_index, "SUBLINEAR_FROM", 100)
+    monkeypatch.setattr(mask_index, "measure_ivf", adopt)
+    rng = np.random.default_rng(6)
+    stored = clustered_masks(rng, 200, 128, 32, n_clusters=4)
+    stored[150] = stored[7]  # a tie among the rows the IVF answers: the newer copy must still win
+    index = MaskIndex(128, 32, use_faiss=True)
+    index.add(stored)
+    assert index.search_method == "ivf"
+
+    class MissesOddRows:
+        def __init__(self, ivf):
+            self.ivf = ivf
+
+        def search(self, codes, width):
+            distances, labels = self.ivf.search(codes, width)
+            distances[1::2], labels[1::2] = np.iinfo(np.int32).max, -1
+            return distances, labels
+
+    index._ivf = MissesOddRows(index._ivf)
+    queries = stored[[7, 3, 42, 199]]
+    positions, overlaps = index.search(queries)
+    expected_positions, expected_overlaps = brute_force(stored, queries, 32)
+    assert positions[0] == 150
+    assert np.array_equal(positions, expected_positions)
+    np.testing.assert_allclose(overlaps, expected_overlaps)
+
+
 def test_ivf_that_loses_to_the_exact_search_is_not_used(monkeypatch):
     pytest.importorskip("faiss")
     import memoir_hf.index.mask_index as mask_index

@@ -451,6 +451,29 @@ def test_read_csv_turns_extra_columns_into_metadata(tmp_path):
     ]
 
 
+def test_read_jsonl_keeps_unicode_line_separators_inside_values(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    rows = [{"prompt": "Line\u2028separated is", "target": "kept"}, {"prompt": "Next\u0085one is", "target": "too"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [fact["prompt"] for fact in read_facts(path)] == ["Line\u2028separated is", "Next\u0085one is"]
+
+
+def test_read_csv_keeps_a_quoted_field_that_spans_lines(tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text('prompt,target,note\nThe sky is,blue,"line one\nline two"\nSnow is,white,\n', encoding="utf-8")
+    assert read_facts(path) == [
+        {"prompt": "The sky is", "target": "blue", "metadata": {"note": "line one\nline two"}},
+        {"prompt": "Snow is", "target": "white", "metadata": {}},
+    ]
+
+
+def test_a_bad_csv_row_is_named_by_the_line_it_starts_on(tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text('prompt,target,note\n\nThe sky is,blue,"line one\nline two"\n\n"Snow\nis",,\n', encoding="utf-8")
+    with pytest.raises(EditInputError, match="csv line 6:"):  # the reader has read to line 7
+        read_facts(path)
+
+
 @pytest.mark.parametrize("name, content", [
     ("facts.jsonl", '{"prompt": "The sky is", "target": "blue", "answer": "green"}\n'),
     ("facts.csv", "prompt,target,answer\nThe sky is,blue,green\n"),

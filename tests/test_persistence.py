@@ -292,6 +292,15 @@ def test_round_trip_into_a_fresh_model(model_type, tmp_path):
     assert again.edit("Snow is", "black").edit_id == 4
 
 
+def test_edit_text_with_unicode_line_separators_round_trips(tmp_path):
+    facts = [("The capital\u2028of France is", "Ro\u2029me"), ("My favourite\u0085colour is", "green")]
+    memoir = make_memoir(facts=facts)
+    memoir.save_pretrained(tmp_path / "ckpt")
+    loaded = attach(tmp_path / "ckpt")
+    assert [(e.prompt, e.target) for e in loaded.edits] == facts
+    assert loaded.edits == memoir.edits
+
+
 def test_tophash_state_comes_from_the_checkpoint(saved, copy_of):
     """Permutation, background and spread are read from the file, not recomputed from the seed and the model."""
     module = saved.memoir.target.module_name

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MemoirError
+
+if TYPE_CHECKING:  # the CLI imports torch and transformers only once a command needs them
+    from ..model import MemoirModel
 
 
 class UsageError(Exception):
@@ -36,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
-def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: str | None = None) -> Any:
+def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: str | None = None) -> MemoirModel:
     """The MemoirModel of ``args.checkpoint`` on its base model; with ``create``, a fresh one if the
     folder holds no checkpoint yet (then ``--model`` is required)."""
     from transformers.utils import logging as transformers_logging
@@ -59,7 +62,7 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
         if args.model is None:
             raise UsageError(f"{folder} holds no checkpoint yet: pass --model to choose the base model")
         model, tokenizer = load_model(args.model)
-        memoir = patch(model, load_config(config_path) if config_path else None, tokenizer=tokenizer)
+        memoir = patch(model, load_config(config_path), tokenizer=tokenizer)
         memoir.base_model_source = args.model
         return memoir
     if config_path:

@@ -27,7 +27,8 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
                              "benchmark's train file its locality prompts); default: the generic prompts "
                              "shipped with memoir_hf")
     parser.add_argument("--config", default=None,
-                        help="YAML (or JSON) file of MemoirConfig settings; MEMOIR_* environment variables override it")
+                        help="YAML (or JSON) file of MemoirConfig settings; MEMOIR_* environment variables override "
+                             "it (and apply without it)")
     parser.add_argument("--out", default=None, help="where to write the JSON report")
     parser.add_argument("--plot", default=None, help="where to write a PNG of Rel/Gen/Loc against τ")
     parser.add_argument("--checkpoint-dir", default=None, help="save the memory here and resume from it")
@@ -50,7 +51,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise UsageError("--threshold must be in [0, 1]")
     set_threads(args.threads)
-    config = load_config(args.config) if args.config else None
+    config = load_config(args.config)  # MEMOIR_* variables apply with or without --config
     texts = load_texts(args.calibration_texts) if args.calibration_texts else None
     data = args.data[0] if len(args.data) == 1 else args.data
     report = run(args.model, data, format=args.format, edits=args.edits, method=args.method, config=config,

@@ -7,6 +7,7 @@ optional ``metadata`` object is kept; any other key or CSV column becomes metada
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -54,7 +55,7 @@ def fact_records(items: Any, caller: str) -> list[Any]:
 
 def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:
     rows = []
-    for line, content in enumerate(text.splitlines(), start=1):
+    for line, content in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a value
         if not content.strip():
             continue
         try:
@@ -65,12 +66,19 @@ def _jsonl_rows(text: str, path: Path) -> list[tuple[int, Any]]:
 
 
 def _csv_rows(text: str) -> list[tuple[int, Any]]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps quoted fields that span lines whole
     rows = []
     for row in reader:
         if any(value and value.strip() for key, value in row.items() if key is not None):
-            rows.append((reader.line_num, {key: value for key, value in row.items() if value not in (None, "")}))
+            rows.append((_first_line(reader.line_num, row), {key: value for key, value in row.items()
+                                                            if value not in (None, "")}))
     return rows
+
+
+def _first_line(last_line: int, row: dict[str | None, Any]) -> int:
+    """The line a CSV row starts on: the reader counts to its last, and a quoted field may span lines."""
+    values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+    return last_line - sum(value.count("\n") for value in values if isinstance(value, str))
 
 
 def _record(row: Any, where: str) -> dict[str, Any]:

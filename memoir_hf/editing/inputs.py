@@ -100,7 +100,7 @@ def target_text(prompt: str, target: str) -> str:
     return target if prompt[-1:].isspace() else " " + target
 
 
-def encode_fact(tokenizer, fact: Fact, limit: int | None, *, where: str = "") -> EncodedFact:
+def encode_fact(tokenizer: Any, fact: Fact, limit: int | None, *, where: str = "") -> EncodedFact:
     """Token ids of the fact, or EditInputError when they are empty or longer than ``limit``."""
     prompt_ids = list(tokenizer(fact.prompt)["input_ids"])
     target_ids = list(tokenizer(target_text(fact.prompt, fact.target), add_special_tokens=False)["input_ids"])

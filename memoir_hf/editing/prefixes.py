@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -10,7 +11,7 @@ from ..generation import greedy_new_tokens
 from .inputs import context_length
 
 
-def generate_prefixes(model: nn.Module, tokenizer, starts: Sequence[str], lengths: Sequence[int]) -> list[str]:
+def generate_prefixes(model: nn.Module, tokenizer: Any, starts: Sequence[str], lengths: Sequence[int]) -> list[str]:
     """One greedy continuation of each start for each length (shorter ones are prefixes of longer)."""
     if not starts or not lengths:
         return []

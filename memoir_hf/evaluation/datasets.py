@@ -27,7 +27,8 @@ class EvalRecord:
     """One edit with the prompts it is judged on."""
 
     index: int
-    """Position in the source file (0-based record index; for JSONL the line number - 1)."""
+    """Position in the source file (0-based record index; for JSONL the line number - 1); ``load_many``
+    runs it on across files, each file starting after the last index of the one before."""
     prompt: str
     target: str
     rephrase: str | None = None
@@ -94,6 +95,8 @@ def load_many(paths: str | Path | Sequence[str | Path], format: str, *, limit: i
     """Records of one file, or of several in order; indices run on across files so they stay unique."""
     if isinstance(paths, (str, Path)):
         return load_records(paths, format, limit=limit, strict=strict)
+    if not paths:
+        raise DataError("no data file given: pass at least one.")
     records: list[EvalRecord] = []
     offset = 0
     for path in paths:

@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..config import MemoirConfig
+from ..editing.inputs import Fact, context_length, encode_fact
 from ..errors import MemoirConfigError, MemoirError
 from ..model import MemoirModel, patch
 from ..offline_models import load_model
 from ..patching.target import find_target
-from ..persistence.atomic import recover_interrupted_swap
+from ..persistence.atomic import atomic_file, recover_interrupted_swap
 from ..persistence.checkpoint import is_checkpoint
 from .datasets import EvalRecord, load_many
 from .metrics import agreement, mean, perplexity, token_accuracy
@@ -57,7 +58,7 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     ``calibration_texts`` (default: the generic prompts shipped with memoir_hf; never the test set).
     With ``checkpoint_dir``, the memory is saved every ``checkpoint_every`` edits and a rerun resumes.
     """
-    _check_arguments(method, edits, threshold, checkpoint_every, out, plot)
+    _check_arguments(method, edits, threshold, checkpoint_every, out, plot, checkpoint_dir, calibration_texts)
     started = time.perf_counter()
     records = load_many(data, format, limit=edits, strict=strict_data)
     if len(records) < edits:
@@ -68,6 +69,7 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
     try:
+        _check_records_fit(memoir, records)
         report = _edit_and_evaluate(memoir, records, format, method, threshold, checkpoint_dir, checkpoint_every,
                                     progress, calibration_texts)
     finally:
@@ -76,8 +78,9 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
                    "data": str(data) if isinstance(data, (str, os.PathLike)) else [str(d) for d in data],
                    "format": format, "wall_seconds": time.perf_counter() - started})
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)  # made before editing; gone since?
+        with atomic_file(out) as temporary:
+            temporary.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if plot is not None and report["sweep"]:
         from .plots import plot_sweep
 
@@ -86,7 +89,8 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
 
 
 def _check_arguments(method: str, edits: int, threshold: float | None, checkpoint_every: int,
-                     out: str | os.PathLike | None, plot: str | os.PathLike | None) -> None:
+                     out: str | os.PathLike | None, plot: str | os.PathLike | None,
+                     checkpoint_dir: str | os.PathLike | None, calibration_texts: Sequence[str] | None) -> None:
     """Everything that can be refused is refused before the first (slow) edit."""
     if method not in METHODS:
         raise MemoirError(f"method must be one of {METHODS}, got {method!r}.")
@@ -98,6 +102,12 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
         raise MemoirError("ft-l has no routing, so no threshold: drop --threshold for --method ft-l.")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise MemoirConfigError(f"threshold must be in [0, 1], got {threshold}.")
+    if calibration_texts is not None and (method == "ft-l" or threshold is not None):
+        raise MemoirError("calibration texts only serve to calibrate τ, which "
+                          + ("ft-l does not have" if method == "ft-l" else "--threshold already sets")
+                          + ": drop --calibration-texts.")
+    if checkpoint_dir is not None:
+        _check_writable("checkpoint_dir", Path(checkpoint_dir), folder=True)
     for name, path in (("out", out), ("plot", plot)):
         if path is not None:
             _check_writable(name, Path(path))
@@ -111,10 +121,12 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
                               "or drop --plot.") from None
 
 
-def _check_writable(name: str, path: Path) -> None:
-    """The report or plot must be writable when the run ends, hours from now: make its folder now."""
-    if path.is_dir():
+def _check_writable(name: str, path: Path, *, folder: bool = False) -> None:
+    """What the run writes hours from now (report, plot, checkpoint folder) must be writable: check now."""
+    if path.is_dir() and not folder:
         raise MemoirError(f"{name} {path} is a folder; give a file name.")
+    if path.exists() and not path.is_dir() and folder:
+        raise MemoirError(f"{name} {path} is a file; give a folder path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -208,6 +220,18 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
     return memoir
 
 
+def _check_records_fit(memoir: MemoirModel, records: Sequence[EvalRecord]) -> None:
+    """Refuse, before the first edit, a record whose prompt, rephrase or loc pair the model cannot read."""
+    limit = context_length(memoir.base_model.config)
+    for record in records:
+        pairs = {"prompt": (record.prompt, record.target), "rephrase": (record.rephrase, record.target),
+                 "loc": (record.loc, record.loc_ans)}
+        for field, (prompt, answer) in pairs.items():
+            if prompt is not None:
+                encode_fact(memoir.tokenizer, Fact(prompt, answer, {}), limit,
+                            where=f"record {record.index} ({field} {prompt!r}): ")
+
+
 def _run_settings(config: MemoirConfig) -> dict[str, Any]:
     """The settings a resumed run must share (τ is set after editing; the layer is saved by name)."""
     return {k: v for k, v in config.to_dict().items() if k not in ("threshold", "layer", "keep_edit_deltas")}
@@ -223,24 +247,27 @@ def _apply_edits(memoir: MemoirModel, records: Sequence[EvalRecord], checkpoint_
     for record in bar:
         try:
             result = memoir.edit(record.prompt, record.target, metadata={"eval_index": record.index})
-        except KeyboardInterrupt:
-            # Keep the edits since the last checkpoint, which on a long run can be an hour of work. Ctrl-C
-            # leaves the memory as it was before this edit, unless it came during the success check that
-            # follows the write: then the edit is stored, and its success is checked when the run resumes.
+            if result.error is not None:
+                raise MemoirError(f"record {record.index} ({record.prompt!r}) could not be edited after {done} "
+                                  f"edits: {result.error}. Change the settings, or leave the record out of the data.")
+            done += 1
+            memoir.store.records[-1].metadata.update(seconds=round(result.seconds, 4), steps=result.steps)
+            seconds.append(result.seconds)
+            bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
+            if done % checkpoint_every == 0 or done == len(records):
+                _save_checkpoint(memoir, checkpoint_dir)
+        except BaseException:
+            # Keep the edits since the last checkpoint, which on a long run can be an hour of work, whatever
+            # stopped the run (Ctrl-C, an error, even during a checkpoint save, which is atomic). Ctrl-C leaves
+            # the memory as it was before this edit, unless it came during the success check that follows
+            # the write: then the edit is stored, and its success is checked when the run resumes.
             if len(memoir.edits) > done:
                 memoir.store.records[-1].metadata[UNCHECKED] = True
-            _save_checkpoint(memoir, checkpoint_dir)
+            try:
+                _save_checkpoint(memoir, checkpoint_dir)
+            except Exception as save_error:  # report what stopped the run, not the failed rescue
+                warnings.warn(f"the edits since the last checkpoint could not be saved: {save_error}", stacklevel=2)
             raise
-        if result.error is not None:
-            _save_checkpoint(memoir, checkpoint_dir)  # keep the edits since the last checkpoint
-            raise MemoirError(f"record {record.index} ({record.prompt!r}) could not be edited after {done} edits: "
-                              f"{result.error}. Change the settings, or leave the record out of the data.")
-        done += 1
-        memoir.store.records[-1].metadata.update(seconds=round(result.seconds, 4), steps=result.steps)
-        seconds.append(result.seconds)
-        bar.set_postfix(success=f"{mean([float(e.success) for e in memoir.store.records]):.2f}")
-        if done % checkpoint_every == 0 or done == len(records):
-            _save_checkpoint(memoir, checkpoint_dir)
     return seconds
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_AGGREGATION, DEFAULT_TOP_K
 from ..errors import MemoirError
+from ..persistence.atomic import atomic_file
 
 _CURVES = (("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"))
 _LINES = ("-", ":", "--", "-.", (0, (1, 3)), (0, (5, 1)))
@@ -38,8 +40,7 @@ def plot_sweep(report: dict[str, Any], path: str | os.PathLike) -> None:
              title=f"{report['model']} · {report['format']} · T = {report['edits']}")
     axis.legend(loc="lower left")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -60,8 +61,7 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
              title=f"{reports[0]['model']} · {reports[0]['format']}")
     axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def series_label(report: dict[str, Any]) -> str:
@@ -87,3 +87,14 @@ def write_settings(config: dict[str, Any]) -> list[str]:
     if config.get("weight_decay") == 0:
         labels.append("no weight decay")
     return labels
+
+
+def _save(plt: Any, figure: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    if not path.suffix:  # as matplotlib itself would name it (the temporary file's suffix sets the format)
+        path = path.with_suffix(".png")
+    try:
+        with atomic_file(path) as temporary:
+            figure.savefig(temporary, dpi=120)
+    finally:
+        plt.close(figure)

@@ -41,8 +41,9 @@ def score_pairs(memoir: MemoirModel, pairs: Sequence[tuple[str, str]], *, batch_
         input_ids, attention_mask = pad_batch(rows, pad_id=pad_token_id(tokenizer), device=device, side="right")
         _, prompt_mask = pad_batch(prompts, pad_id=0, device=device, side="right")
         prompt_mask = F.pad(prompt_mask, (0, input_ids.shape[1] - prompt_mask.shape[1]))
-        logits = memoir(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                        prompt_mask=prompt_mask).logits
+        with memoir._inference_mode():  # dropout off, as when the edit was written
+            logits = memoir(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask), prompt_mask=prompt_mask, use_cache=False).logits
         for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
             span = slice(len(prompt) - 1, len(prompt) - 1 + len(answer))
             row_logits = logits[row, span].float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from importlib import resources
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,14 +24,14 @@ def default_background_prompts() -> list[str]:
 
 @torch.no_grad()
 def compute_background(
-    model: nn.Module, tokenizer, layer: MemoirLayer, tophash: TopHash, texts: Sequence[str]
+    model: nn.Module, tokenizer: Any, layer: MemoirLayer, tophash: TopHash, texts: Sequence[str]
 ) -> None:
     """Set ``tophash.background`` and ``spread`` from the prompt-mean activations of ``texts``."""
     batches = text_activations(model, tokenizer, layer, texts)
     tophash.set_background(torch.cat([mean_over_tokens(activations, mask) for activations, mask in batches]))
 
 
-def text_activations(model: nn.Module, tokenizer, layer: MemoirLayer, texts: Sequence[str],
+def text_activations(model: nn.Module, tokenizer: Any, layer: MemoirLayer, texts: Sequence[str],
                      batch_size: int = BATCH_SIZE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The memory layer's inputs for ``texts``, batch by batch: float32 ([batch, seq, d_ff], [batch, seq] mask)."""
     rows = [tokenizer(text)["input_ids"] for text in texts]
@@ -39,7 +40,7 @@ def text_activations(model: nn.Module, tokenizer, layer: MemoirLayer, texts: Seq
         yield activations.float(), mask.float()
 
 
-def pad_token_id(tokenizer) -> int:
+def pad_token_id(tokenizer: Any) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate)

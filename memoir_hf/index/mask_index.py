@@ -175,11 +175,21 @@ class MaskIndex:
         return pack_masks(masks)
 
     def _search_faiss(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = self._ivf if self._ivf is not None else self._faiss_index
-        distances, candidates = index.search(codes, min(IVF_CANDIDATES if self._ivf is not None else 2, len(self)))
+        if self._ivf is None:
+            return self._search_in(self._faiss_index, codes, 2)
+        best, chosen = self._search_in(self._ivf, codes, IVF_CANDIDATES)
+        # IVF probes only some lists, and finds nothing for a query far from all of them: ask the exact index.
+        missed = np.flatnonzero(chosen < 0)
+        if len(missed):
+            best[missed], chosen[missed] = self._search_in(self._faiss_index, codes[missed], 2)
+        return best, chosen
+
+    def _search_in(self, index, codes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        distances, candidates = index.search(codes, min(width, len(self)))
         best, chosen = distances[:, 0].astype(np.int64), candidates[:, 0].astype(np.int64)
-        # FAISS breaks ties arbitrarily: take the newest of the masks tied at the best distance.
-        tied = np.flatnonzero(distances[:, 1] == best) if distances.shape[1] > 1 else []
+        # FAISS breaks ties arbitrarily: take the newest of the masks tied at the best distance. (A row an IVF
+        # index missed, chosen -1, is left to the caller.)
+        tied = np.flatnonzero((distances[:, 1] == best) & (chosen >= 0)) if distances.shape[1] > 1 else []
         for row in tied:
             chosen[row] = self._newest_at(codes[row:row + 1], int(best[row]), index, distances[row], candidates[row])
         return best, chosen

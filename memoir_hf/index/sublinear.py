@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def default_nlist(n_masks: int) -> int:
     return max(1, min(65536, int(math.sqrt(n_masks))))
 
 
-def build_ivf(codes: np.ndarray, nlist: int, *, rng: np.random.Generator, train_per_list: int = 40):
+def build_ivf(codes: np.ndarray, nlist: int, *, rng: np.random.Generator, train_per_list: int = 40) -> Any:
     """An IVF binary index over ``codes``, trained on a sample of them."""
     n_bits = codes.shape[1] * 8
     quantizer = faiss.IndexBinaryFlat(n_bits)
@@ -77,8 +78,8 @@ def perturbed_queries(codes: np.ndarray, top_k: int, n_bits: int, n_queries: int
     return np.packbits(masks, axis=1, bitorder="little"), sources
 
 
-def measure_ivf(codes: np.ndarray, exact_index, top_k: int, *, query_overlap: float = 0.5, n_queries: int = 200,
-                min_recall: float = MIN_RECALL, rng: np.random.Generator | None = None) -> tuple[object, IvfTrial]:
+def measure_ivf(codes: np.ndarray, exact_index: Any, top_k: int, *, query_overlap: float = 0.5, n_queries: int = 200,
+                min_recall: float = MIN_RECALL, rng: np.random.Generator | None = None) -> tuple[Any, IvfTrial]:
     """Build an IVF index and find the smallest probe count reaching ``min_recall``.
 
     Returns the index and its best trial: the first nprobe that reaches ``min_recall``, else the one

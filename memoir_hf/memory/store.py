@@ -64,8 +64,9 @@ class EditStore:
 
     ``deltas`` maps an edit id to what that edit added to W_m's masked columns, float32 [d_model, k]
     on the CPU (float32 holds the difference of two fp16/bf16 weights exactly), for the edits written
-    while ``keep_edit_deltas`` was on: it is what makes an edit removable. The deltas of the stored
-    edits sum to W_m.
+    while ``keep_edit_deltas`` was on: it is what makes an edit removable. While every edit was
+    written with it on and none was consolidated or withdrawn from routing only, the deltas of the
+    stored edits sum to W_m.
     """
 
     def __init__(self, d_ff: int, top_k: int, *, use_faiss: bool | None = None):

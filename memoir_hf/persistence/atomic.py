@@ -37,6 +37,24 @@ _LOCK_TAG = ".memoir-lock"
 
 
 @contextmanager
+def atomic_file(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``destination`` (same suffix); on success it replaces it in one rename.
+
+    A crash while writing leaves the previous file, or none, never a truncated one.
+    """
+    destination = Path(destination)
+    temporary = destination.with_name(f".{destination.stem}{_TEMP_TAG}{uuid.uuid4().hex[:8]}{destination.suffix}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, destination)
+        _fsync_directory(destination.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextmanager
 def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()) -> Iterator[Path]:
     """Yield a temporary folder to write into; on success it replaces ``destination`` whole.
 
@@ -76,7 +94,7 @@ SAVE_LOCK_TIMEOUT = 60.0
 
 
 @contextmanager
-def _save_lock(destination: Path, timeout: float | None = None) -> Iterator[None]:
+def _save_lock(destination: Path) -> Iterator[None]:
     """Hold an advisory lock on ``destination`` for the whole save, so two processes (or threads) never
     write the same folder at once. The kernel releases it if the holder dies, and the holder deletes the
     lock file when done (a waiter that locked the deleted file tries again). No lock on non-POSIX systems."""
@@ -84,7 +102,7 @@ def _save_lock(destination: Path, timeout: float | None = None) -> Iterator[None
         yield
         return
     lock_path = destination.parent / f".{destination.name}{_LOCK_TAG}"
-    deadline = time.monotonic() + (SAVE_LOCK_TIMEOUT if timeout is None else timeout)
+    deadline = time.monotonic() + SAVE_LOCK_TIMEOUT
     descriptor = _locked_file(lock_path, deadline, destination)
     try:
         yield

@@ -91,7 +91,8 @@ def is_checkpoint(folder: str | Path) -> bool:
 def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: torch.Tensor,
                      permutation: torch.Tensor, background: torch.Tensor, spread: torch.Tensor,
                      earlier_keys: EarlierKeys | None, store: EditStore) -> None:
-    """Write the six files into ``folder`` (normally a temporary folder; see atomic_folder)."""
+    """Write the checkpoint files into ``folder`` (normally a temporary folder; see atomic_folder); the
+    FAISS index only where faiss is installed."""
     module = manifest["target"]["module_name"]
     settings = _without_format_2_defaults(manifest["memoir_config"])
     manifest = {**manifest, "memoir_config": settings}
@@ -142,7 +143,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"no memoir checkpoint at {folder}: the folder does not exist.")
     manifest = _read_manifest(folder)
     target = manifest["target"]
-    d_model, d_ff = int(target["d_model"]), int(target["d_ff"])
+    d_model, d_ff = target["d_model"], target["d_ff"]
     try:
         config = MemoirConfig.from_dict(manifest["memoir_config"])
     except MemoirError as error:
@@ -205,8 +206,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     target = manifest.get("target")
     if not isinstance(target, dict) or not isinstance(manifest.get("memoir_config"), dict):
         missing.append("a target and memoir_config object")
-    elif any(not isinstance(target.get(k), (int, str)) for k in ("module_name", "d_model", "d_ff", "top_k")):
-        missing.append("target module_name/d_model/d_ff/top_k")
+    elif not isinstance(target.get("module_name"), str) or \
+            any(type(target.get(k)) is not int for k in ("d_model", "d_ff", "top_k")):
+        missing.append("a target module_name (text) and d_model/d_ff/top_k (integers)")
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; the file is corrupt.")
     return manifest
@@ -277,9 +279,13 @@ def _read_edits(path: Path) -> list[EditRecord]:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete.")
     records = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise CheckpointError(f"{path} is truncated or corrupt (not UTF-8: {error}).") from None
+    # Not splitlines: an edit's text may hold U+2028, which json.dumps(ensure_ascii=False) writes unescaped.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
     for number, line in enumerate(lines, start=1):
         try:
             values = json.loads(line)
