@@ -1168,6 +1168,14 @@ def test_series_label_tells_mask_settings_apart():
         "memoir protect 0.01, no weight decay", "ft-l"]
 
 
+def test_plot_series_styles_stay_distinct_past_the_number_of_line_styles():
+    from memoir_hf.evaluation.plots import series_style
+
+    styles = [(str(style["linestyle"]), style["marker"]) for style in map(series_style, range(36))]
+    assert len(set(styles)) == 36
+    assert styles[6] != styles[0] and styles[7] != styles[1]  # where plain cycling repeated itself
+
+
 def test_plot_scaling_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from memoir_hf.evaluation.plots import plot_scaling

@@ -52,7 +52,7 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
         series.setdefault(series_label(report), []).append(report)
     for number, (name, rows) in enumerate(sorted(series.items(), key=lambda item: item[0] != "memoir")):
         rows.sort(key=lambda r: r["edits"])
-        style = {"linestyle": _LINES[number % len(_LINES)], "marker": _MARKERS[number % len(_MARKERS)]}
+        style = series_style(number)
         for colour, (key, label) in enumerate(_CURVES):
             if key in rows[0]["metrics"]:
                 axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], color=f"C{colour}",
@@ -62,6 +62,13 @@ def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> 
     axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     _save(plt, figure, path)
+
+
+def series_style(number: int) -> dict[str, Any]:
+    """Line style and marker of the ``number``-th series: no two of the first 36 series look alike (the
+    marker moves on by one each time the line styles wrap around)."""
+    return {"linestyle": _LINES[number % len(_LINES)],
+            "marker": _MARKERS[(number + number // len(_LINES)) % len(_MARKERS)]}
 
 
 def series_label(report: dict[str, Any]) -> str:
