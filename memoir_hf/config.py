@@ -33,8 +33,8 @@ class MemoirConfig:
     """Settings of a MEMOIR memory. Defaults follow the paper (arXiv 2506.07899).
 
     Structural settings (``layer``, ``top_k``, ``aggregation``, ``seed``, ``background_prompts``) are
-    fixed when a model is patched; the others (``threshold`` and the optimiser settings) may be changed at any time, and
-    every assignment is validated.
+    fixed when a model is patched; the others (``threshold`` and the optimiser settings) may be changed
+    at any time, and every assignment is validated.
     """
 
     layer: int | str | None = None

@@ -202,7 +202,7 @@ class MemoirModel(nn.Module):
         tokenizer = self._require_tokenizer()
         self._check_fit([tokenizer(t)["input_ids"] for t in texts], "background texts")
         with self._inference_mode():
-            compute_background(self.base_model, self._require_tokenizer(), self._layer, self._layer.tophash, texts)
+            compute_background(self.base_model, tokenizer, self._layer, self._layer.tophash, texts)
 
     # -- editing ----------------------------------------------------------------------------
     def edit(self, prompt: str, target: str, metadata: dict[str, Any] | None = None) -> EditResult:

@@ -843,35 +843,30 @@ def test_calibration_leaves_out_the_run_prompts_with_a_warning():
         harness._without_run_prompts(["P0"], records)
 
 
-def test_an_edit_error_saves_the_edits_before_it_and_names_the_record(tmp_path, monkeypatch):
+def failed_edit_result(self, prompt, target, **kwargs):
+    return memoir_hf.EditResult(None, False, float("nan"), 1, 0.1, 0.0, None, error="values not finite")
+
+
+def edit_raises(self, prompt, target, **kwargs):
+    raise RuntimeError("out of memory")
+
+
+@pytest.mark.parametrize("failing_edit, error, message", [
+    (failed_edit_result, MemoirError, "record 1 .*after 1 edits: values not finite"),  # names the record
+    (edit_raises, RuntimeError, "out of memory"),  # any error, not only a failed edit
+])
+def test_an_edit_that_fails_mid_run_saves_the_edits_before_it(tmp_path, monkeypatch, failing_edit, error, message):
     model, data, config = tiny_run_inputs(tmp_path)
     real_edit = memoir_hf.MemoirModel.edit
 
     def second_edit_fails(self, prompt, target, **kwargs):
         if len(self.edits) == 1:
-            return memoir_hf.EditResult(None, False, float("nan"), 1, 0.1, 0.0, None, error="values not finite")
+            return failing_edit(self, prompt, target, **kwargs)
         return real_edit(self, prompt, target, **kwargs)
 
     monkeypatch.setattr(memoir_hf.MemoirModel, "edit", second_edit_fails)
     checkpoint = tmp_path / "ck"
-    with pytest.raises(MemoirError, match="record 1 .*after 1 edits: values not finite"):
-        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
-                    progress=False, checkpoint_dir=checkpoint, checkpoint_every=100)
-    assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
-
-
-def test_any_error_mid_run_saves_the_edits_before_it(tmp_path, monkeypatch):
-    model, data, config = tiny_run_inputs(tmp_path)
-    real_edit = memoir_hf.MemoirModel.edit
-
-    def second_edit_crashes(self, prompt, target, **kwargs):
-        if len(self.edits) == 1:
-            raise RuntimeError("out of memory")
-        return real_edit(self, prompt, target, **kwargs)
-
-    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", second_edit_crashes)
-    checkpoint = tmp_path / "ck"
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(error, match=message):
         harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,
                     progress=False, checkpoint_dir=checkpoint, checkpoint_every=100)
     assert [e.prompt for e in memoir_hf.MemoirModel.from_pretrained(model, checkpoint).edits] == ["Prompt 0"]
@@ -880,13 +875,10 @@ def test_any_error_mid_run_saves_the_edits_before_it(tmp_path, monkeypatch):
 def test_a_failed_rescue_save_warns_and_the_error_that_stopped_the_run_is_raised(tmp_path, monkeypatch):
     model, data, config = tiny_run_inputs(tmp_path)
 
-    def edit_crashes(self, prompt, target, **kwargs):
-        raise RuntimeError("out of memory")
-
     def save_fails(*args, **kwargs):
         raise memoir_hf.SaveError("disk full")
 
-    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", edit_crashes)
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", edit_raises)
     monkeypatch.setattr(memoir_hf.MemoirModel, "save_pretrained", save_fails)
     with pytest.raises(RuntimeError, match="out of memory"), pytest.warns(UserWarning, match="disk full"):
         harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, threshold=0.5,

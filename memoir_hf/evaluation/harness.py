@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..config import MemoirConfig
-from ..editing.inputs import Fact, context_length, encode_fact
+from ..editing.inputs import Fact
 from ..errors import MemoirConfigError, MemoirError
 from ..model import MemoirModel, patch
 from ..offline_models import load_model
@@ -222,14 +222,12 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
 
 def _check_records_fit(memoir: MemoirModel, records: Sequence[EvalRecord]) -> None:
     """Refuse, before the first edit, a record whose prompt, rephrase or loc pair the model cannot read."""
-    limit = context_length(memoir.base_model.config)
     for record in records:
         pairs = {"prompt": (record.prompt, record.target), "rephrase": (record.rephrase, record.target),
                  "loc": (record.loc, record.loc_ans)}
         for field, (prompt, answer) in pairs.items():
-            if prompt is not None:
-                encode_fact(memoir.tokenizer, Fact(prompt, answer, {}), limit,
-                            where=f"record {record.index} ({field} {prompt!r}): ")
+            if prompt is not None:  # the check every edit makes, on every pair the run will score
+                memoir._encode(Fact(prompt, answer, {}), where=f"record {record.index} ({field} {prompt!r}): ")
 
 
 def _run_settings(config: MemoirConfig) -> dict[str, Any]:
