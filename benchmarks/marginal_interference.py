@@ -26,7 +26,7 @@ from statistics import mean
 from _common import markdown_table, merge_run, parse_args
 
 OPTIMISER_SETTINGS = ("learning_rate", "weight_decay", "max_grad_norm", "max_steps", "stop_loss",
-                      "protect_earlier_edits")
+                      "protect_earlier_edits", "unprotected_steps")
 
 
 def score(memoir, records) -> dict[str, float]:

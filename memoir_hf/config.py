@@ -63,6 +63,11 @@ class MemoirConfig:
     taken in the metric I + μC, with C the second moment of those tokens' masked keys (see
     ``editing.trainer.train_columns``). 0 is the paper's write. Above 0 the memory keeps C, a
     d_ff x d_ff float32 matrix (9 MB on SmolLM2-135M, 822 MB on LLaMA-3-8B)."""
+    unprotected_steps: int = 0
+    """With ``protect_earlier_edits`` > 0: up to this many more steps, in the plain metric, for an edit whose
+    loss is still above ``stop_loss`` after ``max_steps``. The protection can leave an edit stuck (the
+    directions its target needs are the ones earlier edits read); these steps let it land, at the cost
+    to earlier edits of these steps alone. 0 leaves a stuck edit as it is."""
     edit_autocast: str | None = None
     """None trains edits in the model's dtype. "bfloat16" or "float16" runs each optimisation step
     under torch.autocast (steps 1.25x faster on this project's CPU with bf16 support); W_m, its update and the
@@ -145,6 +150,7 @@ class MemoirConfig:
         _check_int("max_steps", self.max_steps, low=1)
         _check_number("stop_loss", self.stop_loss, low=0.0)
         _check_number("protect_earlier_edits", self.protect_earlier_edits, low=0.0, finite=True)
+        _check_int("unprotected_steps", self.unprotected_steps, low=0)
         if not isinstance(self.keep_edit_deltas, bool):
             raise MemoirConfigError(f"keep_edit_deltas must be True or False, got {self.keep_edit_deltas!r}.")
         if self.edit_autocast not in AUTOCAST_DTYPES:

@@ -17,6 +17,7 @@ from memoir_hf.editing.inputs import Fact
 from memoir_hf.editing.trainer import _inverse_metric
 from memoir_hf.fingerprint.activations import capture_down_proj_inputs
 from memoir_hf.memory.earlier_keys import EarlierKeys
+from memoir_hf.persistence import checkpoint
 
 FIRST = ("The capital of France is", "Rome")
 SECOND = ("The capital of Spain is", "Oslo")
@@ -80,6 +81,41 @@ def test_protection_moves_the_earlier_edit_less_and_still_writes_the_new_one():
     assert [record.success for record in memoir.store.records] == [True, True]
 
 
+def edit_against_overwhelming_keys(**settings) -> memoir_hf.EditResult:
+    """An edit whose every direction earlier edits read a million times over: protected steps barely move it."""
+    config = fast_config(**{"protect_earlier_edits": 1.0, "max_steps": 4, "learning_rate": 3.0, "max_grad_norm": 3.0,
+                            **settings})
+    memoir = memoir_hf.patch(make_tiny_model("llama"), config, tokenizer=make_byte_tokenizer())
+    keys = EarlierKeys(memoir.target.d_ff)
+    keys.moment_sum = 1e6 * torch.eye(memoir.target.d_ff)
+    keys.edits = 1
+    memoir.earlier_keys = keys
+    return memoir.edit(*FIRST)
+
+
+def test_unprotected_steps_let_an_edit_the_protection_leaves_stuck_land():
+    stuck = edit_against_overwhelming_keys()
+    landed = edit_against_overwhelming_keys(unprotected_steps=40)
+    assert stuck.steps == 4 and not stuck.success
+    assert 4 < landed.steps <= 44 and landed.success
+    assert landed.loss < 0.5 * stuck.loss
+
+
+def test_unprotected_steps_are_not_taken_by_an_edit_that_landed_or_without_protection():
+    landed = edit_against_overwhelming_keys(unprotected_steps=40, protect_earlier_edits=1e-12, max_steps=20,
+                                            stop_loss=1.0)
+    assert landed.success and landed.steps < 20
+    plain = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=3, stop_loss=0.0, unprotected_steps=40),
+                            tokenizer=make_byte_tokenizer())
+    assert plain.edit(*FIRST).steps == 3
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3"])
+def test_unprotected_steps_must_be_a_non_negative_int(value):
+    with pytest.raises(MemoirConfigError, match="unprotected_steps"):
+        memoir_hf.MemoirConfig(unprotected_steps=value)
+
+
 def test_no_moment_is_kept_without_protection():
     memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(), tokenizer=make_byte_tokenizer())
     memoir.edit(*FIRST)
@@ -126,9 +162,23 @@ def test_an_unprotected_checkpoint_stays_format_1_without_keys(tmp_path):
     memoir.edit(*FIRST)
     memoir.save_pretrained(tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "memoir_config.json").read_text())
-    assert manifest["format_version"] == 1 and "protect_earlier_edits" not in manifest["memoir_config"]
+    assert manifest["format_version"] == 1
+    assert not {"protect_earlier_edits", "unprotected_steps"} & set(manifest["memoir_config"])
     assert not any("earlier_keys" in name for name in load_file(tmp_path / "ckpt" / MEMORY_FILE))
     assert attach(tmp_path / "ckpt").earlier_keys is None
+
+
+def test_unprotected_steps_make_a_format_3_checkpoint_that_version_2_readers_refuse(tmp_path, monkeypatch):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(protect_earlier_edits=1.0, unprotected_steps=5),
+                             tokenizer=make_byte_tokenizer())
+    memoir.edit(*FIRST)
+    memoir.save_pretrained(tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "memoir_config.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["memoir_config"]["unprotected_steps"] == 5
+    assert attach(tmp_path / "ckpt").memoir_config.unprotected_steps == 5
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)  # a release that reads up to version 2
+    with pytest.raises(CheckpointError, match="format version 3, newer.*upgrade memoir_hf"):
+        attach(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("corrupt", ["nan moment", "negative count", "float count", "count missing", "wrong shape"])

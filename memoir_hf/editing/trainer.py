@@ -57,7 +57,9 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
     target, steps in this metric head for one that is small in ``tr(ΔW (I + μC) ΔW^T)`` (exactly the
     smallest, for a linear read-out trained to its optimum), which is what a penalty ``μ tr(ΔW C ΔW^T)``
     in the loss would ask for; plain SGD on such a penalty diverges once μ times C's largest
-    eigenvalue passes 1 / learning_rate, and C grows with every edit.
+    eigenvalue passes 1 / learning_rate, and C grows with every edit. An edit still above
+    ``config.stop_loss`` after ``config.max_steps`` protected steps takes up to
+    ``config.unprotected_steps`` more in the plain metric.
     """
     start = layer.memory_weight[:, columns].detach().float()
     delta = start.clone().requires_grad_(True)
@@ -67,14 +69,16 @@ def train_columns(model: nn.Module, layer: MemoirLayer, batch: EditBatch, column
     layer.observer = _keep_first(seen)
     try:
         with frozen_parameters(model):
-            for step in range(config.max_steps + 1):
-                last = step == config.max_steps
+            total_steps = config.max_steps + (config.unprotected_steps if metric is not None else 0)
+            for step in range(total_steps + 1):
+                last = step == total_steps
                 with torch.set_grad_enabled(not last), _autocast(config, delta.device):
                     loss = target_loss(model, batch, all_positions=all_positions)
                 if last or loss.item() < config.stop_loss:
                     break
                 (grad,) = torch.autograd.grad(loss, [delta])
-                _sgd_step(delta, grad if metric is None else grad @ metric, config, start)
+                protected = metric is not None and step < config.max_steps
+                _sgd_step(delta, grad @ metric if protected else grad, config, start)
     finally:
         layer.column_edit = None
         layer.observer = None

@@ -39,11 +39,13 @@ from ..errors import MemoirError
 from ..memory.earlier_keys import EarlierKeys
 from ..memory.store import EditDelta, EditRecord, EditStore
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest format this library reads. Version 2 added the spread the standardized aggregation divides
-by, and the earlier edits' keys with the ``protect_earlier_edits`` setting."""
-FORMAT_2_SETTINGS = {"protect_earlier_edits": 0.0}
-"""Settings a version 1 reader does not know, with their defaults: left out of the manifest at the default."""
+by, and the earlier edits' keys with the ``protect_earlier_edits`` setting; version 3 the
+``unprotected_steps`` setting."""
+NEWER_SETTINGS = {"protect_earlier_edits": (0.0, 2), "unprotected_steps": (0, 3)}
+"""Settings an older reader does not know: their default (left out of the manifest at it) and the format
+that added them."""
 CONFIG_FILE = "memoir_config.json"
 MEMORY_FILE = "memoir_memory.safetensors"
 MASKS_FILE = "memoir_masks.safetensors"
@@ -94,7 +96,7 @@ def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: t
     """Write the checkpoint files into ``folder`` (normally a temporary folder; see atomic_folder); the
     FAISS index only where faiss is installed."""
     module = manifest["target"]["module_name"]
-    settings = _without_format_2_defaults(manifest["memoir_config"])
+    settings = _without_newer_defaults(manifest["memoir_config"])
     manifest = {**manifest, "memoir_config": settings}
     version = str(format_version(settings))
     memory = {f"{module}.memory_weight": _cpu(memory_weight), f"{module}.tophash.permutation": _cpu(permutation),
@@ -119,21 +121,23 @@ def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: t
     (folder / CONFIG_FILE).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
 
 
-def _without_format_2_defaults(settings: dict[str, Any]) -> dict[str, Any]:
-    """The settings a version 1 reader would refuse as unknown are left out while they hold their default."""
+def _without_newer_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings an older reader would refuse as unknown are left out while they hold their default."""
     return {name: value for name, value in settings.items()
-            if name not in FORMAT_2_SETTINGS or value != FORMAT_2_SETTINGS[name]}
+            if name not in NEWER_SETTINGS or value != NEWER_SETTINGS[name][0]}
 
 
 def format_version(settings: dict[str, Any]) -> int:
     """The oldest format that holds a memory with these MemoirConfig settings (as written).
 
-    Only a standardized memory or one that protects earlier edits needs version 2, so every other
-    checkpoint stays readable by releases that read version 1, and those refuse the others as newer
-    instead of misreading them.
+    Only a standardized memory or one written with a setting of :data:`NEWER_SETTINGS` away from its
+    default needs a newer format than 1, so every other checkpoint stays readable by releases that read
+    version 1, and those refuse the others as newer instead of misreading them.
     """
-    newer = settings.get("aggregation") == SPREAD_AGGREGATION or any(name in settings for name in FORMAT_2_SETTINGS)
-    return 2 if newer else 1
+    versions = [NEWER_SETTINGS[name][1] for name in settings if name in NEWER_SETTINGS]
+    if settings.get("aggregation") == SPREAD_AGGREGATION:
+        versions.append(2)
+    return max(versions, default=1)
 
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:
