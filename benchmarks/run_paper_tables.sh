@@ -28,6 +28,9 @@ evaluate zsre_smollm2_memoir_protect_nodecay_T1000 smollm2 "$DATA/ZsRE/zsre_mend
 # The protected write five times as strong (μ = 0.05); its first 100 edits are its T = 100 run.
 evaluate zsre_smollm2_memoir_protect05_nodecay_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
   --config configs/smollm2-135m-protect-0.05.yaml --calibration-texts "$ZSRE_NEGATIVES"
+# μ = 0.05 with up to 20 unprotected steps for an edit the protection leaves stuck.
+evaluate zsre_smollm2_memoir_protect05_unprotected_T1000 smollm2 "$DATA/ZsRE/zsre_mend_edit.json" zsre 1000 \
+  --config configs/smollm2-135m-protect-0.05-unprotected.yaml --calibration-texts "$ZSRE_NEGATIVES"
 # CounterFact and hallucination calibrate τ on the locality prompts of their own train split.
 evaluate counterfact_smollm2_memoir_T1000 smollm2 "$DATA/counterfact/counterfact-edit.json" counterfact 1000 \
   --config configs/smollm2-135m.yaml --calibration-texts "$DATA/counterfact/counterfact-train.json"

@@ -179,9 +179,9 @@ def test_checkpoint_files_and_manifest(saved):
     check_sorted_keys(manifest)
     assert manifest["format_version"] == 1
     assert manifest["library_version"] == memoir_hf.__version__
-    # protect_earlier_edits is left out at its default, so that readers of format 1 read the checkpoint.
+    # Settings newer than format 1 are left out at their default, so that readers of format 1 read the checkpoint.
     assert manifest["memoir_config"] == {name: value for name, value in memoir.memoir_config.to_dict().items()
-                                         if name != "protect_earlier_edits"}
+                                         if name not in ("protect_earlier_edits", "unprotected_steps")}
     assert memoir_hf.MemoirConfig.from_dict(manifest["memoir_config"]) == memoir.memoir_config
     target = manifest["target"]
     assert target["module_name"] == memoir.target.module_name == "model.layers.1.mlp.down_proj"

@@ -14,7 +14,8 @@ class EditResult:
     loss: float
     """Final mean target cross-entropy over the prompt and its prefixed variants."""
     steps: int
-    """Optimiser steps taken (at most max_steps; fewer when the loss fell below stop_loss)."""
+    """Optimiser steps taken (at most max_steps, plus unprotected_steps for a protected edit that was stuck;
+    fewer when the loss fell below stop_loss)."""
     seconds: float
     target_accuracy: float
     """Fraction of target tokens that are the argmax after the plain prompt, through routing."""
