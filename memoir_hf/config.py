@@ -64,10 +64,12 @@ class MemoirConfig:
     ``editing.trainer.train_columns``). 0 is the paper's write. Above 0 the memory keeps C, a
     d_ff x d_ff float32 matrix (9 MB on SmolLM2-135M, 822 MB on LLaMA-3-8B)."""
     unprotected_steps: int = 0
-    """With ``protect_earlier_edits`` > 0: up to this many more steps, in the plain metric, for an edit whose
-    loss is still above ``stop_loss`` after ``max_steps``. The protection can leave an edit stuck (the
+    """With ``protect_earlier_edits`` > 0: up to this many more steps, in the plain metric, for an edit written
+    against earlier edits' keys (every edit but a memory's first protected one) whose loss is still above
+    ``stop_loss`` after ``max_steps``. The protection can leave an edit stuck (the
     directions its target needs are the ones earlier edits read); these steps let it land, at the cost
-    to earlier edits of these steps alone. 0 leaves a stuck edit as it is."""
+    to earlier edits of these steps alone. An edit that is only slow (its loss just above ``stop_loss``,
+    its target already the argmax) takes them too. 0 leaves a stuck edit as it is."""
     edit_autocast: str | None = None
     """None trains edits in the model's dtype. "bfloat16" or "float16" runs each optimisation step
     under torch.autocast (steps 1.25x faster on this project's CPU with bf16 support); W_m, its update and the

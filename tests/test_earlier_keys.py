@@ -13,6 +13,7 @@ from tiny_models import make_byte_tokenizer, make_tiny_model
 
 import memoir_hf
 from memoir_hf import CheckpointError, MemoirConfigError, MemoirModel
+from memoir_hf.editing import trainer
 from memoir_hf.editing.inputs import Fact
 from memoir_hf.editing.trainer import _inverse_metric
 from memoir_hf.fingerprint.activations import capture_down_proj_inputs
@@ -101,10 +102,30 @@ def test_unprotected_steps_let_an_edit_the_protection_leaves_stuck_land():
     assert landed.loss < 0.5 * stuck.loss
 
 
-def test_unprotected_steps_are_not_taken_by_an_edit_that_landed_or_without_protection():
-    landed = edit_against_overwhelming_keys(unprotected_steps=40, protect_earlier_edits=1e-12, max_steps=20,
-                                            stop_loss=1.0)
-    assert landed.success and landed.steps < 20
+def test_the_unprotected_steps_come_after_exactly_max_steps_protected_ones(monkeypatch):
+    """Against keys of 1e6 the protected gradient is a millionth of the plain one: the step norms tell them apart."""
+    norms = []
+    take_step = trainer._sgd_step
+    monkeypatch.setattr(trainer, "_sgd_step", lambda delta, grad, *rest: (norms.append(float(grad.norm())),
+                                                                            take_step(delta, grad, *rest)))
+    result = edit_against_overwhelming_keys(unprotected_steps=40)
+    assert len(norms) == result.steps > 4
+    assert max(norms[:4]) < 1e-4 < min(norms[4:])
+
+
+def test_an_edit_that_lands_in_max_steps_is_written_the_same_with_or_without_unprotected_steps():
+    def landed(unprotected_steps: int) -> memoir_hf.MemoirModel:
+        config = fast_config(protect_earlier_edits=1.0, stop_loss=1.5, learning_rate=3.0, max_grad_norm=3.0,
+                             unprotected_steps=unprotected_steps)
+        memoir = memoir_hf.patch(make_tiny_model("llama"), config, tokenizer=make_byte_tokenizer())
+        memoir.edit(*FIRST)
+        assert memoir.edit(*SECOND).steps < memoir.memoir_config.max_steps
+        return memoir
+
+    assert torch.equal(landed(0).layer.memory_weight, landed(40).layer.memory_weight)
+
+
+def test_unprotected_steps_are_not_taken_without_protection():
     plain = memoir_hf.patch(make_tiny_model("llama"), fast_config(max_steps=3, stop_loss=0.0, unprotected_steps=40),
                             tokenizer=make_byte_tokenizer())
     assert plain.edit(*FIRST).steps == 3

@@ -1154,10 +1154,13 @@ def test_series_label_tells_mask_settings_apart():
                                                          "protect_earlier_edits": 0.0}}
     undecayed = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30,
                                                        "protect_earlier_edits": 0.01, "weight_decay": 0.0}}
+    relaxed = {"method": "memoir", "memoir_config": {"top_k": DEFAULT_TOP_K, "max_steps": 30, "weight_decay": 0.0,
+                                                     "protect_earlier_edits": 0.05, "unprotected_steps": 20}}
     ft_l = {"method": "ft-l", "memoir_config": {"top_k": 1536, "max_steps": 30}}
-    assert [series_label(r) for r in (paper, sparse, standardized, protected, unprotected, undecayed, ft_l)] == [
+    assert [series_label(r) for r in (paper, sparse, standardized, protected, unprotected, undecayed, relaxed,
+                                      ft_l)] == [
         "memoir", "memoir k=0.1, 60 steps", "memoir k=0.1, 60 steps, standardized", "memoir protect 0.01", "memoir",
-        "memoir protect 0.01, no weight decay", "ft-l"]
+        "memoir protect 0.01, no weight decay", "memoir protect 0.05, 20 unprotected steps, no weight decay", "ft-l"]
 
 
 def test_plot_series_styles_stay_distinct_past_the_number_of_line_styles():

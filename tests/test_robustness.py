@@ -454,7 +454,7 @@ def test_fuzzed_config_construction(values):
         return
     event("patched")
     cheap_prefixes = not config.prefix_starts or (max(config.prefix_lengths) <= 4 and len(config.prefix_starts) <= 2)
-    if config.max_steps <= 3 and config.unprotected_steps <= 3 and cheap_prefixes:
+    if config.max_steps <= 3 and cheap_prefixes:
         event("edited")
         result = memoir.edit(*CAT)
         assert result.edit_id == 0 or (result.edit_id is None and result.error)

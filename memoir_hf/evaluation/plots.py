@@ -92,7 +92,8 @@ def write_settings(config: dict[str, Any]) -> list[str]:
     if config.get("protect_earlier_edits"):
         labels.append(f"protect {config['protect_earlier_edits']:g}")
         if config.get("unprotected_steps"):
-            labels.append(f"{config['unprotected_steps']} unprotected steps")
+            steps = config["unprotected_steps"]
+            labels.append(f"{steps} unprotected step{'s' if steps > 1 else ''}")
     if config.get("weight_decay") == 0:
         labels.append("no weight decay")
     return labels
