@@ -948,6 +948,24 @@ def test_ctrl_c_saves_the_edits_before_it_and_a_rerun_resumes_after_them(tmp_pat
     assert calls == ["Prompt 0", "Prompt 1", "Prompt 1"] and report["edits"] == 2
 
 
+def test_the_report_gives_the_mean_steps_of_the_edits(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)
+    real_edit = memoir_hf.MemoirModel.edit
+    steps = []
+
+    def recording(self, prompt, target, **kwargs):
+        result = real_edit(self, prompt, target, **kwargs)
+        steps.append(result.steps)
+        return result
+
+    monkeypatch.setattr(memoir_hf.MemoirModel, "edit", recording)
+    config = dataclasses.replace(config, learning_rate=3.0, stop_loss=2.0)
+    report = harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config,
+                         threshold=0.5, progress=False)
+    assert len(set(steps)) == 2  # the edits stop after different numbers of steps
+    assert report["steps_per_edit"] == sum(steps) / 2
+
+
 def test_ctrl_c_in_the_success_check_stores_the_edit_and_the_rerun_checks_it(tmp_path, monkeypatch):
     model, data, config = tiny_run_inputs(tmp_path)
     arguments = dict(format="jsonl", edits=2, config=config, threshold=0.5, progress=False, checkpoint_every=100)

@@ -174,6 +174,7 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], forma
         "unedited": _metrics(scores, tau=2.0),
         "edit_success_rate": mean([float(r.success) for r in memoir.edits]),
         "seconds_per_edit": mean(seconds),
+        "steps_per_edit": _mean_steps(memoir),
         "peak_rss_mb": _peak_rss_mb(),
         "routing": _routing_confusion(classes) if classes else None,
         "accuracy_by_routing": _accuracy_by_routing(scores, classes, tau) if classes else None,
@@ -185,6 +186,12 @@ def _edit_and_evaluate(memoir: MemoirModel, records: Sequence[EvalRecord], forma
                     "platform": platform.platform()},
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _mean_steps(memoir: MemoirModel) -> float | None:
+    """Mean optimiser steps of the edits that logged them (a run resumed from an older checkpoint may not)."""
+    steps = [float(e.metadata["steps"]) for e in memoir.edits if "steps" in e.metadata]
+    return mean(steps) if steps else None
 
 
 def _peak_rss_mb() -> float | None:
