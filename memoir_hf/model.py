@@ -294,8 +294,8 @@ class MemoirModel(nn.Module):
         """Withdraw one edit and return its record.
 
         Its mask leaves the index, so no prompt routes to it any more, and what it added to W_m is
-        subtracted. W_m then holds exactly what the remaining edits added (the deltas of all stored
-        edits sum to W_m). What is not restored: edits written after this one were trained on top
+        subtracted. W_m then holds what the remaining edits added, to float32 rounding (the deltas of
+        all stored edits sum to W_m). What is not restored: edits written after this one were trained on top
         of its values on the columns they share, so on those columns they now see different
         weights; check them (``memoir.edits`` and a forward pass) if many share its columns. Edits
         written with ``keep_edit_deltas=False`` (or loaded from a checkpoint saved without deltas)

@@ -888,17 +888,22 @@ def test_a_removed_edits_entry_that_is_not_a_list_is_refused(saved_folder, value
         MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_removing_the_last_edit_in_half_precision_restores_the_memory_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_removing_the_last_edit_restores_the_memory_to_float32_rounding_of_its_change(dtype):
     memoir = memoir_hf.patch(make_tiny_model("llama").to(dtype), fast_config(), tokenizer=make_byte_tokenizer())
     memoir.edit(*CAT)
     memoir.edit(*BOB)
     before = memory(memoir).clone()
     memoir.edit(*ALICE)
-    assert not torch.equal(memory(memoir), before)
-    assert memoir.store.deltas[2].values.dtype == torch.float32  # holds a difference of two half weights exactly
+    change = (memory(memoir).float() - before.float()).abs()
+    assert change.max() > 0 and memoir.store.deltas[2].values.dtype == torch.float32
     memoir.remove_edit(2)
-    assert memory(memoir).dtype == dtype and torch.equal(memory(memoir), before)
+    restored = memory(memoir)
+    assert restored.dtype == dtype
+    assert bool(((restored.float() - before.float()).abs() <= (change + before.float().abs()) * 2.0 ** -23).all())
+    if dtype != torch.float32:  # half weights not far smaller than the change fit float32 beside it exactly
+        exact = (before.float().abs() >= change * 2.0 ** -13) | (before == 0)
+        assert exact.float().mean() > 0.9 and torch.equal(restored[exact], before[exact])
 
 
 # -- 7. consolidate -------------------------------------------------------------------------------

@@ -92,8 +92,9 @@ class MemoirLayer(nn.Module):
     def subtract_columns(self, columns: torch.Tensor, values: torch.Tensor) -> None:
         """Take an edit's delta back out of these columns."""
         columns = columns.to(self.device)
-        # In float32, where the difference of two fp16/bf16 weights is exact: taking out the latest
-        # edit gives back W_m bit for bit.
+        # In float32: taking out the latest edit gives back W_m bit for bit wherever the edit's change
+        # fits float32 exactly beside what the entry held (every bf16/fp16 entry not over 2^13 times
+        # smaller than the change), and to float32 rounding of the change elsewhere.
         remaining = self.memory_weight[:, columns].float() - values.to(self.device, torch.float32)
         self.memory_weight[:, columns] = remaining.to(self.memory_weight.dtype)
 
