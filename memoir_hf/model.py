@@ -226,16 +226,28 @@ class MemoirModel(nn.Module):
             bar.set_postfix(success=f"{sum(r.success for r in results) / len(results):.2f}")
         return results
 
-    def learn_from(self, feedback_log: FeedbackLog, *, min_confidence: float = 0.8,
+    @exclusive
+    def learn_from(self, feedback_log: FeedbackLog | str | os.PathLike, *, min_confidence: float = 0.8,
                    progress: bool = True) -> LearnReport:
         """Apply the log's corrections with confidence >= ``min_confidence`` that no stored edit came from.
 
         Each edit records its ``feedback_id`` in its metadata (saved with the checkpoint), so running
-        this again, in this process or after save and load, edits nothing new.
+        this again, in this process or after save and load, edits nothing new; it holds the memory
+        for the whole run, so two threads learning from one log edit each correction once.
+        ``feedback_log`` is a :class:`FeedbackLog` or the path of its file.
         """
         self._check_patched()
+        if isinstance(feedback_log, (str, os.PathLike)):
+            feedback_log = FeedbackLog(feedback_log)
+        if not isinstance(feedback_log, FeedbackLog):
+            raise MemoirError("learn_from needs a FeedbackLog or the path of its file, "
+                              f"got {type(feedback_log).__name__}.")
+        if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
+                or not 0 <= min_confidence <= 1:
+            raise MemoirError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}.")
         return learn_from(self, feedback_log, min_confidence=min_confidence, progress=progress)
 
+    @exclusive
     def correct(self, prompt: str, answer: str, *, accept: Accept | None = None,
                 metadata: dict[str, Any] | None = None) -> Correction:
         """Ask the model (greedy, through the memory) and edit only if its answer is not ``answer``.
@@ -249,6 +261,7 @@ class MemoirModel(nn.Module):
         fact = check_fact(prompt, answer, metadata)
         return correct_one(self, fact, self._encode(fact), accept)
 
+    @exclusive
     def correct_many(self, items: Iterable[Any] | str | os.PathLike, *, accept: Accept | None = None,
                      progress: bool = True) -> CorrectionReport:
         """``correct`` over a list of {prompt, answer} dicts or (prompt, answer) pairs, or a JSONL/CSV file.

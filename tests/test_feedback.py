@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, run_threads
 from tiny_models import make_tiny_model
 
 import memoir_hf
@@ -61,6 +61,26 @@ def test_incomplete_last_line_is_skipped_with_a_warning(tmp_path):
         assert log.entries() == [kept]
 
 
+def test_an_add_after_an_interrupted_write_drops_the_fragment(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    kept = log.add("a", "b")
+    with open(log.path, "a", encoding="utf-8") as handle:
+        handle.write('{"prompt": "half')
+    with pytest.warns(UserWarning, match="incomplete"):
+        newer = log.add("c", "d")
+    assert log.entries() == [kept, newer]
+    assert log.path.read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_a_last_record_without_its_newline_is_read_and_kept(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    kept = log.add("a", "b")
+    log.path.write_text(log.path.read_text(encoding="utf-8").rstrip("\n"), encoding="utf-8")  # edited by hand
+    assert log.entries() == [kept]
+    newer = log.add("c", "d")
+    assert log.entries() == [kept, newer]
+
+
 def test_duplicate_feedback_ids_are_refused(tmp_path):
     log = FeedbackLog(tmp_path / "feedback.jsonl")
     log.add("a", "b")
@@ -110,3 +130,22 @@ def test_learn_from_stays_idempotent_across_save_and_load(memoir, tmp_path, byte
     report = reloaded.learn_from(log, progress=False)
     assert report.applied == {} and report.failed == {} and len(report.already_applied) == 1
     assert len(reloaded.edits) == 1
+
+
+def test_two_threads_learning_from_one_log_edit_each_correction_once(memoir, tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    wanted = {log.add("The cat sat on the", "mat").feedback_id, log.add("Bob likes to eat", "figs").feedback_id}
+    assert run_threads([lambda: memoir.learn_from(log, progress=False)] * 2) == []
+    assert sorted(e.metadata["feedback_id"] for e in memoir.edits) == sorted(wanted)
+
+
+def test_learn_from_takes_a_path_and_refuses_other_arguments(memoir, tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    cat = log.add("The cat sat on the", "mat")
+    report = memoir.learn_from(str(log.path), progress=False)
+    assert set(report.applied) | set(report.failed) == {cat.feedback_id}
+    with pytest.raises(MemoirError, match="FeedbackLog or the path"):
+        memoir.learn_from(log.entries(), progress=False)
+    for bad in (1.5, -0.1, float("nan"), True, "0.5"):
+        with pytest.raises(MemoirError, match="min_confidence"):
+            memoir.learn_from(log, min_confidence=bad, progress=False)

@@ -28,6 +28,7 @@ import torch
 from conftest import fast_config, run_threads
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tiny_models import MAX_POSITIONS, make_byte_tokenizer, make_tiny_model
 
@@ -787,13 +788,35 @@ def saved_memoir(tmp_path) -> tuple[MemoirModel, Path]:
     return memoir, folder
 
 
+def test_a_faiss_write_failure_leaves_the_previous_checkpoint(saved_memoir, monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    memoir, folder = saved_memoir
+    before = tree(folder)
+
+    def failing_write(index, path):
+        raise RuntimeError(f"Error: 'f' failed: could not open {path} for writing: No space left on device")
+
+    monkeypatch.setattr(faiss, "write_index_binary", failing_write)
+    with pytest.raises(SaveError) as caught:
+        memoir.save_pretrained(folder)
+    assert_save_refused(caught.value, folder, "No space left on device")
+    assert tree(folder) == before and leftovers(folder.parent) == []
+
+
 def assert_save_refused(error: SaveError, folder: Path, cause: str) -> None:
     assert isinstance(error, SaveError) and isinstance(error, OSError) and isinstance(error, MemoirError)
     message = str(error)
     assert str(folder) in message and "Nothing was changed" in message and cause in message, message
 
 
-def test_a_full_disk_leaves_the_previous_checkpoint(saved_memoir, monkeypatch):
+FULL_DISK_ERRORS = {  # what each writer raises on a full disk
+    "os": OSError(errno.ENOSPC, "No space left on device"),
+    "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+}
+
+
+@pytest.mark.parametrize("raised", FULL_DISK_ERRORS.values(), ids=FULL_DISK_ERRORS.keys())
+def test_a_full_disk_leaves_the_previous_checkpoint(saved_memoir, monkeypatch, raised):
     memoir, folder = saved_memoir
     before = tree(folder)
     calls = []
@@ -802,14 +825,14 @@ def test_a_full_disk_leaves_the_previous_checkpoint(saved_memoir, monkeypatch):
     def full_disk(*args, **kwargs):
         calls.append(args[1])
         if len(calls) == 2:  # the first file of this save is written, the second finds the disk full
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise raised
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
     with pytest.raises(SaveError) as caught:
         memoir.save_pretrained(folder)
     assert_save_refused(caught.value, folder, "No space left on device")
-    assert caught.value.__cause__.errno == errno.ENOSPC
+    assert caught.value.__cause__ is raised
     assert len(calls) == 2 and ".memoir-writing-" in str(calls[0])  # it failed mid-save, in the temporary folder
     assert tree(folder) == before
     assert leftovers(folder.parent) == []

@@ -2,7 +2,9 @@
 
 Each line is one :class:`Feedback` with a fresh ``feedback_id``. Lines are only ever appended, one
 ``write`` each, flushed and fsynced, so a crash can at worst leave an incomplete last line; reading
-skips such a line with a warning and refuses any other malformed line, naming it.
+skips such a line with a warning and refuses any other malformed line, naming it. The next ``add``
+drops the incomplete line (or ends a complete record that only lacks its newline) before appending,
+so the fragment never becomes a malformed line in the middle of the file.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class FeedbackLog:
         feedback = Feedback(prompt, correction, answer, confidence, source)
         line = json.dumps(asdict(feedback), ensure_ascii=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_last_line()
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -77,17 +80,44 @@ class FeedbackLog:
         if not self.path.exists():
             return []
         lines = self.path.read_text(encoding="utf-8").split("\n")
-        complete, last = lines[:-1], lines[-1]
-        if last.strip():
+        if lines[-1].strip() and not self._is_record(lines[-1]):
             warnings.warn(f"{self.path}: the last line is incomplete (an interrupted write?); it is ignored.",
                           stacklevel=2)
-        entries = [self._parse(line, number) for number, line in enumerate(complete, start=1) if line.strip()]
+            lines.pop()
+        entries = [self._parse(line, number) for number, line in enumerate(lines, start=1) if line.strip()]
         seen: set[str] = set()
         for number, entry in enumerate(entries, start=1):
             if entry.feedback_id in seen:
                 raise MemoirError(f"{self.path}: feedback_id {entry.feedback_id!r} appears twice (entry {number}).")
             seen.add(entry.feedback_id)
         return entries
+
+    def _repair_last_line(self) -> None:
+        """Make the file end with a newline before appending: a complete record that lacks it gets it,
+        an incomplete line (an interrupted write) is cut off with a warning."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as handle:
+            data = handle.read()
+            start = data.rfind(b"\n") + 1
+            last = data[start:]
+            if not last:
+                return
+            if self._is_record(last.decode("utf-8", errors="replace")):
+                handle.write(b"\n")
+            else:
+                warnings.warn(f"{self.path}: dropping its incomplete last line (an interrupted write?) before "
+                              "appending.", stacklevel=3)
+                handle.truncate(start)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _is_record(self, line: str) -> bool:
+        try:
+            self._parse(line, 0)
+        except MemoirError:
+            return False
+        return True
 
     def _parse(self, line: str, number: int) -> Feedback:
         try:

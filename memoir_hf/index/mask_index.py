@@ -138,7 +138,10 @@ class MaskIndex:
         if not isinstance(index, faiss.IndexBinaryFlat):  # searching on NumPy or on a GPU
             index = faiss.IndexBinaryFlat(self.n_bytes * 8)
             index.add(self.codes)
-        faiss.write_index_binary(index, str(path))
+        try:
+            faiss.write_index_binary(index, str(path))
+        except RuntimeError as error:  # faiss reports I/O failures (a full disk) as RuntimeError
+            raise OSError(f"could not write the FAISS index {path}: {error}") from error
         return True
 
     def adopt_faiss(self, path: str) -> bool:

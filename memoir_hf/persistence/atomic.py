@@ -22,6 +22,8 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from ..errors import MemoirError
 
 try:
@@ -78,7 +80,7 @@ def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()
                 _swap_in(temporary, destination)
             finally:
                 shutil.rmtree(temporary, ignore_errors=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         if isinstance(error, SaveError):
             raise
         raise SaveError(f"could not save to {destination}: {error}. Nothing was changed there; free space or "
