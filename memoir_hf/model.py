@@ -99,6 +99,8 @@ class MemoirModel(nn.Module):
         self.store = store
         self.router = Router(model, layer.tophash, store, config)
         self.prefixes: list[str] | None = None
+        self._prefixes_from: tuple[tuple[str, ...], tuple[int, ...]] | None = None
+        """The (prefix_starts, prefix_lengths) the prefixes were generated from."""
         self.earlier_keys: EarlierKeys | None = None
         """Second moment of the tokens of the edits written with ``protect_earlier_edits`` > 0."""
         self.base_model_source: str | None = None
@@ -319,7 +321,8 @@ class MemoirModel(nn.Module):
             raise MemoirError(f"routing_only must be True or False, got {routing_only!r}.")
         self.store.position_of(edit_id)
         if not routing_only and edit_id not in self.store.deltas:
-            raise MemoirError(f"edit {edit_id} was written without keep_edit_deltas, so its part of W_m is unknown; "
+            raise MemoirError(f"edit {edit_id}'s part of W_m is unknown (it was written without keep_edit_deltas, "
+                              "merged with an edit that was, or loaded from a checkpoint saved without deltas); "
                               "remove_edit(edit_id, routing_only=True) withdraws it from routing only.")
         (removed,) = self.store.remove([edit_id])
         if removed.delta is not None and not routing_only:
@@ -496,10 +499,15 @@ class MemoirModel(nn.Module):
                                    batch.input_ids, batch.attention_mask, len(batch.target_ids))
 
     def _ensure_prefixes(self) -> None:
-        if self.prefixes is None:
+        """Generate the context prefixes at the first edit, and again once prefix_starts or prefix_lengths change."""
+        settings = self._prefix_settings()
+        if self.prefixes is None or settings != self._prefixes_from:
             with self.router.preserved(), self.router.disabled():
-                self.prefixes = generate_prefixes(self.base_model, self._require_tokenizer(),
-                                                  self.memoir_config.prefix_starts, self.memoir_config.prefix_lengths)
+                self.prefixes = generate_prefixes(self.base_model, self._require_tokenizer(), *settings)
+            self._prefixes_from = settings
+
+    def _prefix_settings(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        return tuple(self.memoir_config.prefix_starts), tuple(self.memoir_config.prefix_lengths)
 
     @torch.no_grad()
     def _check_edit(self, encoded: EncodedFact) -> tuple[float, int | None]:
@@ -585,6 +593,7 @@ class MemoirModel(nn.Module):
             self.earlier_keys.moment_sum = self.earlier_keys.moment_sum.to(layer.device)
         restore_store(checkpoint, self.store)
         self.prefixes = checkpoint.manifest.get("prefixes")
+        self._prefixes_from = self._prefix_settings()
         self.base_model_source = checkpoint.manifest.get("base_model")
 
     @contextmanager

@@ -736,6 +736,22 @@ def test_structural_settings_are_fixed_once_patched(name, value):
         memoir.memoir_config = MemoirConfig()
 
 
+def test_changed_prefix_settings_take_effect_at_the_next_edit(tmp_path):
+    memoir = memoir_hf.patch(make_tiny_model("llama"), fast_config(prefix_starts=("I", "You"), prefix_lengths=(3,)),
+                             tokenizer=make_byte_tokenizer())
+    memoir.edit("The cat sat on the", "mat")
+    assert len(memoir.prefixes) == 2
+    memoir.memoir_config.prefix_starts = ("Q: ",)
+    memoir.edit("Bob likes to eat", "figs")
+    assert len(memoir.prefixes) == 1 and memoir.prefixes[0].startswith("Q: ")
+    memoir.save_pretrained(tmp_path / "ckpt")
+    loaded = MemoirModel.from_pretrained(make_tiny_model("llama"), tmp_path / "ckpt", make_byte_tokenizer())
+    assert loaded.prefixes == memoir.prefixes  # the saved prefixes match the saved settings: kept, not regenerated
+    loaded.memoir_config.prefix_starts = ()
+    loaded.edit("Alice plays the", "drums")
+    assert loaded.prefixes == []
+
+
 @pytest.mark.parametrize("value", ["Q: ", 5])
 def test_sequence_settings_refuse_strings_and_scalars(value):
     with pytest.raises(MemoirConfigError, match="prefix_starts"):

@@ -114,24 +114,28 @@ def test_disable_memory_in_one_thread_leaves_the_others_alone(serial_states):
     assert results["disabled"] == (states[0][FACTS[0][0]][0], None)
 
 
-def test_changing_the_memory_from_inside_a_forward_is_refused():
+@pytest.mark.parametrize("caller", ["generate", "correct"])  # correct asks the model while it holds the memory
+def test_changing_the_memory_from_inside_a_forward_is_refused(caller):
     memoir = make_memoir()
     memoir.edit(*FACTS[0])
     refused = []
 
     def hook(module, args, output):
         try:
-            memoir.edit(*FACTS[1])
+            memoir.remove_edit(0)
         except MemoirError as error:
             refused.append(str(error))
 
     handle = memoir.base_model.model.layers[0].register_forward_hook(hook)
     try:
-        greedy(memoir, "Quantum fields fluctuate")
+        if caller == "generate":
+            greedy(memoir, "Quantum fields fluctuate")
+        else:
+            memoir.correct(*FACTS[0])
     finally:
         handle.remove()
-    assert refused and "inside a forward or generate call" in refused[0]
-    assert len(memoir.edits) == 1
+    assert refused and all("inside a forward or generate call" in message for message in refused)
+    assert [e.edit_id for e in memoir.edits][0] == 0
 
 
 # -- the lock itself -------------------------------------------------------------------------------

@@ -770,7 +770,8 @@ def is_unpatched(model: nn.Module) -> bool:
 def test_a_checkpoint_without_deltas_loads_and_removes_from_routing_only(saved_folder):
     folder, memoir, weights = saved_folder
     (folder / DELTAS_FILE).unlink()
-    loaded = MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
+    with pytest.warns(UserWarning, match="3 stored edits load without their W_m deltas"):
+        loaded = MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
     assert loaded.store.deltas == {} and [e.edit_id for e in loaded.edits] == [0, 1, 2]
     assert torch.equal(memory(loaded), weights[-1])
     assert route(loaded, BOB[0]).edit_id == 1
@@ -975,6 +976,21 @@ def test_consolidate_of_edits_without_deltas_keeps_the_memory():
     assert torch.equal(memory(memoir), before) and memoir.store.deltas == {}
     with pytest.raises(MemoirError, match="routing_only=True"):
         memoir.remove_edit(1)
+
+
+def test_an_edit_merged_with_one_without_delta_can_only_leave_routing_and_says_why():
+    memoir = make_memoir(keep_edit_deltas=False)
+    memoir.edit(*CAT)
+    memoir.memoir_config.keep_edit_deltas = True
+    memoir.edit(*CAT)
+    assert sorted(memoir.store.deltas) == [1]
+    before = memory(memoir)
+    assert memoir.consolidate().merged == [0]
+    assert memoir.store.deltas == {}  # what edit 0 added is unknown, so the sum of the two is too
+    with pytest.raises(MemoirError, match="merged with an edit that was"):
+        memoir.remove_edit(1)
+    memoir.remove_edit(1, routing_only=True)
+    assert torch.equal(memory(memoir), before) and len(memoir.store) == 0
 
 
 def test_a_later_edit_of_the_same_prompt_wins_and_conflicts_are_reported():

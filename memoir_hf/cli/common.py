@@ -63,7 +63,7 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
             raise UsageError(f"{folder} holds no checkpoint yet: pass --model to choose the base model")
         model, tokenizer = load_model(args.model)
         memoir = patch(model, load_config(config_path), tokenizer=tokenizer)
-        memoir.base_model_source = args.model
+        memoir.base_model_source = recorded_source(args.model)
         return memoir
     if config_path:
         raise UsageError(f"--config only applies to a new checkpoint; {folder} already has its settings")
@@ -75,8 +75,18 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
         raise UsageError(f"{folder} does not record its base model: pass --model")
     model, tokenizer = load_model(source)
     memoir = MemoirModel.attach(model, checkpoint, tokenizer)
-    memoir.base_model_source = source
+    memoir.base_model_source = recorded_source(source)
     return memoir
+
+
+def recorded_source(name_or_path: str) -> str:
+    """The base model as the checkpoint records it: a local folder as an absolute path, so that the
+    checkpoint finds it from any working directory; a built-in name or a Hub id as given."""
+    from ..offline_models import BUILTIN_MODELS
+
+    if name_or_path not in BUILTIN_MODELS and Path(name_or_path).exists():
+        return str(Path(name_or_path).resolve())
+    return name_or_path
 
 
 def print_json(value: Any) -> None:

@@ -311,6 +311,9 @@ def _record(values: Any, where: str) -> EditRecord:
 def _read_deltas(path: Path, edit_ids: set[int], d_model: int, d_ff: int) -> dict[int, EditDelta]:
     """The kept deltas, each checked against the stored edits and the layer's shape; {} if none were saved."""
     if not path.exists():
+        if edit_ids:
+            warnings.warn(f"{path} is missing: the {len(edit_ids)} stored edits load without their W_m deltas and "
+                          "can only be withdrawn from routing (remove_edit(..., routing_only=True)).", stacklevel=3)
         return {}
     tensors = _read_safetensors(path)
     deltas = {}
