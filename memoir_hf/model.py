@@ -235,11 +235,14 @@ class MemoirModel(nn.Module):
 
         Each edit records its ``feedback_id`` in its metadata (saved with the checkpoint), so running
         this again, in this process or after save and load, edits nothing new; it holds the memory
-        for the whole run, so two threads learning from one log edit each correction once.
+        for the whole run, so two threads learning from one log edit each correction once (other
+        threads' forward and generate calls wait meanwhile).
         ``feedback_log`` is a :class:`FeedbackLog` or the path of its file.
         """
         self._check_patched()
         if isinstance(feedback_log, (str, os.PathLike)):
+            if not os.path.isfile(feedback_log):
+                raise MemoirError(f"no feedback log at {feedback_log}; pass the path of an existing log file.")
             feedback_log = FeedbackLog(feedback_log)
         if not isinstance(feedback_log, FeedbackLog):
             raise MemoirError("learn_from needs a FeedbackLog or the path of its file, "
@@ -249,7 +252,6 @@ class MemoirModel(nn.Module):
             raise MemoirError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}.")
         return learn_from(self, feedback_log, min_confidence=min_confidence, progress=progress)
 
-    @exclusive
     def correct(self, prompt: str, answer: str, *, accept: Accept | None = None,
                 metadata: dict[str, Any] | None = None) -> Correction:
         """Ask the model (greedy, through the memory) and edit only if its answer is not ``answer``.
@@ -263,7 +265,6 @@ class MemoirModel(nn.Module):
         fact = check_fact(prompt, answer, metadata)
         return correct_one(self, fact, self._encode(fact), accept)
 
-    @exclusive
     def correct_many(self, items: Iterable[Any] | str | os.PathLike, *, accept: Accept | None = None,
                      progress: bool = True) -> CorrectionReport:
         """``correct`` over a list of {prompt, answer} dicts or (prompt, answer) pairs, or a JSONL/CSV file.
@@ -310,11 +311,12 @@ class MemoirModel(nn.Module):
 
         Its mask leaves the index, so no prompt routes to it any more, and what it added to W_m is
         subtracted. W_m then holds what the remaining edits added, to float32 rounding (the deltas of
-        all stored edits sum to W_m). What is not restored: edits written after this one were trained on top
-        of its values on the columns they share, so on those columns they now see different
-        weights; check them (``memoir.edits`` and a forward pass) if many share its columns. Edits
-        written with ``keep_edit_deltas=False`` (or loaded from a checkpoint saved without deltas)
-        can only be withdrawn from routing: pass ``routing_only=True``.
+        the stored edits sum to W_m while every edit kept its delta). What is not restored: edits
+        written after this one were trained on top of its values on the columns they share, so on
+        those columns they now see different weights; check them (``memoir.edits`` and a forward
+        pass) if many share its columns. Edits written with ``keep_edit_deltas=False`` (or loaded
+        from a checkpoint saved without deltas) can only be withdrawn from routing: pass
+        ``routing_only=True``.
         """
         self._check_patched()
         if not isinstance(routing_only, bool):
@@ -536,6 +538,8 @@ class MemoirModel(nn.Module):
         Files already in the folder that this save does not write are kept.
         """
         self._check_patched()
+        if self.prefixes is not None:  # saved prefixes must come from the saved prefix settings
+            self._ensure_prefixes()
         owned = MEMOIR_FILES + (BASE_MODEL_FILES if save_base else ())
         with atomic_folder(save_directory, owned=owned) as folder:
             if save_base:

@@ -744,9 +744,10 @@ def test_changed_prefix_settings_take_effect_at_the_next_edit(tmp_path):
     memoir.memoir_config.prefix_starts = ("Q: ",)
     memoir.edit("Bob likes to eat", "figs")
     assert len(memoir.prefixes) == 1 and memoir.prefixes[0].startswith("Q: ")
+    memoir.memoir_config.prefix_lengths = (3, 4)  # changed, then saved before any edit uses it
     memoir.save_pretrained(tmp_path / "ckpt")
     loaded = MemoirModel.from_pretrained(make_tiny_model("llama"), tmp_path / "ckpt", make_byte_tokenizer())
-    assert loaded.prefixes == memoir.prefixes  # the saved prefixes match the saved settings: kept, not regenerated
+    assert len(loaded.prefixes) == 2 and loaded.memoir_config.prefix_lengths == (3, 4)
     loaded.memoir_config.prefix_starts = ()
     loaded.edit("Alice plays the", "drums")
     assert loaded.prefixes == []

@@ -58,7 +58,7 @@ def test_edit_creates_a_checkpoint_that_records_its_base_model(checkpoint, model
     assert [(r.prompt, r.target) for r in saved.records] == [("Water boils at", "ninety degrees"),
                                                                ("The moon is made of", "cheese")]
     assert saved.records[0].metadata == {"source": "test"}
-    assert saved.manifest["base_model"] == str(model_dir.resolve())
+    assert saved.manifest["base_model"] == str(model_dir)
     assert saved.config.learning_rate == 3.0 and set(saved.deltas) == {0, 1}
 
 
@@ -67,7 +67,7 @@ def test_a_relative_model_folder_is_recorded_so_the_checkpoint_works_from_anywhe
     monkeypatch.chdir(model_dir.parent)
     assert main(["edit", str(tmp_path / "ckpt"), "--model", model_dir.name, "--prompt", "Grass is", "--target",
                  "blue", "--config", str(config_file), "--threads", "1"]) == 0
-    assert read_checkpoint(tmp_path / "ckpt").manifest["base_model"] == str(model_dir.resolve())
+    assert read_checkpoint(tmp_path / "ckpt").manifest["base_model"] == str(model_dir)
     monkeypatch.chdir(tmp_path)
     assert main(["edit", "ckpt", "--prompt", "Snow is", "--target", "green", "--threads", "1"]) == 0
     assert len(read_checkpoint(tmp_path / "ckpt").records) == 2

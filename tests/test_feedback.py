@@ -65,6 +65,46 @@ def test_an_incomplete_last_line_is_skipped_and_dropped_by_the_next_add(tmp_path
     assert log.path.read_text(encoding="utf-8").count("\n") == 2
 
 
+def test_a_write_torn_inside_a_character_is_skipped_and_dropped(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    kept = log.add("café", "crème")
+    with open(log.path, "ab") as handle:
+        handle.write(b'{"prompt": "caf' + "é".encode()[:1])
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert log.entries() == [kept]
+    with pytest.warns(UserWarning, match="incomplete"):
+        newer = log.add("c", "d")
+    assert log.entries() == [kept, newer]
+
+
+def test_a_complete_but_invalid_last_line_is_refused_not_dropped(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    log.add("a", "b")
+    with open(log.path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"prompt": "x", "correction": "y", "confidence": 80}))  # edited by hand
+    text = log.path.read_text(encoding="utf-8")
+    with pytest.raises(MemoirError, match="line 2 is not a feedback record"):
+        log.entries()
+    with pytest.raises(MemoirError, match="last line is not a feedback record"):
+        log.add("c", "d")
+    assert log.path.read_text(encoding="utf-8") == text
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    log.add("a", "b")
+    log.path.write_bytes(b'{"prompt": "\xff"}\n' + log.path.read_bytes())
+    with pytest.raises(MemoirError, match="line 1 is not UTF-8"):
+        log.entries()
+
+
+def test_a_log_saved_with_a_byte_order_mark_is_read(tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    kept = log.add("a", "b")
+    log.path.write_bytes(b"\xef\xbb\xbf" + log.path.read_bytes())
+    assert log.entries() == [kept]
+
+
 def test_a_last_record_without_its_newline_is_read_and_kept(tmp_path):
     log = FeedbackLog(tmp_path / "feedback.jsonl")
     kept = log.add("a", "b")
@@ -139,6 +179,8 @@ def test_learn_from_takes_a_path_and_refuses_other_arguments(memoir, tmp_path):
     assert set(report.applied) | set(report.failed) == {cat.feedback_id}
     with pytest.raises(MemoirError, match="FeedbackLog or the path"):
         memoir.learn_from(log.entries(), progress=False)
+    with pytest.raises(MemoirError, match="no feedback log at"):
+        memoir.learn_from(tmp_path / "typo.jsonl", progress=False)
     for bad in (1.5, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(MemoirError, match="min_confidence"):
             memoir.learn_from(log, min_confidence=bad, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,17 +76,18 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
         raise UsageError(f"{folder} does not record its base model: pass --model")
     model, tokenizer = load_model(source)
     memoir = MemoirModel.attach(model, checkpoint, tokenizer)
-    memoir.base_model_source = recorded_source(source)
+    memoir.base_model_source = recorded_source(args.model) if args.model else source
     return memoir
 
 
 def recorded_source(name_or_path: str) -> str:
-    """The base model as the checkpoint records it: a local folder as an absolute path, so that the
-    checkpoint finds it from any working directory; a built-in name or a Hub id as given."""
+    """The base model as the checkpoint records it: a local folder (what transformers loads from when
+    the folder exists) as an absolute path, so that the checkpoint finds it from any working directory;
+    a built-in name or a Hub id as given."""
     from ..offline_models import BUILTIN_MODELS
 
-    if name_or_path not in BUILTIN_MODELS and Path(name_or_path).exists():
-        return str(Path(name_or_path).resolve())
+    if name_or_path not in BUILTIN_MODELS and os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path)
     return name_or_path
 
 

@@ -1,14 +1,15 @@
 """FeedbackLog: an append-only JSONL file of corrections users gave to the model's answers.
 
-Each line is one :class:`Feedback` with a fresh ``feedback_id``. Lines are only ever appended, one
-``write`` each, flushed and fsynced, so a crash can at worst leave an incomplete last line; reading
-skips such a line with a warning and refuses any other malformed line, naming it. The next ``add``
-drops the incomplete line (or ends a complete record that only lacks its newline) before appending,
-so the fragment never becomes a malformed line in the middle of the file.
+Each line is one :class:`Feedback` with a fresh ``feedback_id``. Lines are appended under a file
+lock, one ``write`` each, flushed and fsynced, so a crash can at worst leave an incomplete last line
+(not UTF-8 or not JSON); reading skips such a line with a warning and refuses any other malformed
+line, naming it. The next ``add`` cuts the incomplete line off before appending, so the fragment never
+becomes a malformed line in the middle of the file; nothing else is ever rewritten.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -17,6 +18,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: appends are not locked
+    fcntl = None  # type: ignore[assignment]
 
 from ..errors import MemoirError
 from ..memory.store import utc_now
@@ -58,12 +65,25 @@ class FeedbackLog:
 
     def add(self, prompt: str, correction: str, *, answer: str | None = None, confidence: float = 1.0,
             source: str = "user") -> Feedback:
-        """Append one correction and return it (with its new ``feedback_id``)."""
+        """Append one correction and return it (with its new ``feedback_id``).
+
+        The file is locked while the line is appended (on POSIX systems), so several processes may add
+        to one log. An incomplete last line left by an interrupted write is dropped first, with a
+        warning; a complete record that only lacks its newline gets it.
+        """
         feedback = Feedback(prompt, correction, answer, confidence, source)
-        line = json.dumps(asdict(feedback), ensure_ascii=False) + "\n"
+        line = (json.dumps(asdict(feedback), ensure_ascii=False) + "\n").encode("utf-8")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_last_line()
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with open(self.path, "a+b") as handle:
+            _lock(handle)
+            start, last = _last_line(handle)
+            if last.strip():
+                if self._unterminated(last, "its last line") is None:
+                    warnings.warn(f"{self.path}: dropping its incomplete last line (an interrupted write?) before "
+                                  "appending.", stacklevel=2)
+                    handle.truncate(start)
+                else:
+                    handle.write(b"\n")
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -79,12 +99,16 @@ class FeedbackLog:
         """Every feedback in the file (none when the file does not exist yet)."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").split("\n")
-        if lines[-1].strip() and not self._is_record(lines[-1]):
-            warnings.warn(f"{self.path}: the last line is incomplete (an interrupted write?); it is ignored.",
-                          stacklevel=2)
-            lines.pop()
-        entries = [self._parse(line, number) for number, line in enumerate(lines, start=1) if line.strip()]
+        *lines, last = self.path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
+        entries = [self._parse(self._decoded(line, f"line {number}"), f"line {number}")
+                   for number, line in enumerate(lines, start=1) if line.strip()]
+        if last.strip():
+            unterminated = self._unterminated(last, f"line {len(lines) + 1}")
+            if unterminated is None:
+                warnings.warn(f"{self.path}: the last line is incomplete (an interrupted write?); it is ignored.",
+                              stacklevel=2)
+            else:
+                entries.append(unterminated)
         seen: set[str] = set()
         for number, entry in enumerate(entries, start=1):
             if entry.feedback_id in seen:
@@ -92,38 +116,51 @@ class FeedbackLog:
             seen.add(entry.feedback_id)
         return entries
 
-    def _repair_last_line(self) -> None:
-        """Make the file end with a newline before appending: a complete record that lacks it gets it,
-        an incomplete line (an interrupted write) is cut off with a warning."""
-        if not self.path.exists():
-            return
-        with open(self.path, "rb+") as handle:
-            data = handle.read()
-            start = data.rfind(b"\n") + 1
-            last = data[start:]
-            if not last:
-                return
-            if self._is_record(last.decode("utf-8", errors="replace")):
-                handle.write(b"\n")
-            else:
-                warnings.warn(f"{self.path}: dropping its incomplete last line (an interrupted write?) before "
-                              "appending.", stacklevel=3)
-                handle.truncate(start)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def _is_record(self, line: str) -> bool:
+    def _unterminated(self, raw: bytes, where: str) -> Feedback | None:
+        """The record on a last line without its newline; None for a torn write (not UTF-8 or not JSON).
+        Complete JSON that is no feedback record is refused like any malformed line."""
         try:
-            self._parse(line, 0)
-        except MemoirError:
-            return False
-        return True
+            text = raw.decode("utf-8-sig")
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return self._parse(text, where)
 
-    def _parse(self, line: str, number: int) -> Feedback:
+    def _decoded(self, raw: bytes, where: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise MemoirError(f"{self.path} {where} is not UTF-8 text: {error}") from None
+
+    def _parse(self, line: str, where: str) -> Feedback:
         try:
             values = json.loads(line)
             if not isinstance(values, dict):
                 raise TypeError("not a JSON object")
             return Feedback(**values)
         except (json.JSONDecodeError, TypeError, MemoirError) as error:
-            raise MemoirError(f"{self.path} line {number} is not a feedback record: {error}") from None
+            raise MemoirError(f"{self.path} {where} is not a feedback record: {error}") from None
+
+
+_TAIL_CHUNK = 1 << 16
+
+
+def _last_line(handle: BinaryIO) -> tuple[int, bytes]:
+    """The offset and bytes of what follows the file's last newline, read backwards from the end."""
+    position = handle.seek(0, os.SEEK_END)
+    tail = b""
+    while position > 0:
+        step = min(_TAIL_CHUNK, position)
+        position -= step
+        handle.seek(position)
+        tail = handle.read(step) + tail
+        newline = tail.rfind(b"\n")
+        if newline >= 0:
+            return position + newline + 1, tail[newline + 1:]
+    return 0, tail
+
+
+def _lock(handle: BinaryIO) -> None:
+    """Hold an exclusive advisory lock on the open file until it is closed (no lock without fcntl)."""
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
