@@ -10,6 +10,7 @@ Both load through transformers' GGUF support (needs ``gguf``) and dequantise to 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def check_tokenizer(tokenizer: Any, name: str) -> None:
         raise MemoirError(f"transformers {transformers.__version__} builds a broken tokenizer for the {name} GGUF "
                           f"file ({PLAIN_SENTENCE!r} encodes to {ids}, with unknown tokens or a lossy round trip); "
                           "upgrade it: pip install -U transformers")
+
+
+def recorded_source(name_or_path: str) -> str:
+    """The base model as a checkpoint records it: a local folder (what transformers loads from when
+    the folder exists) as an absolute path, so that the checkpoint finds it from any working directory;
+    a built-in name or a Hub id as given."""
+    if name_or_path not in BUILTIN_MODELS and os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path)
+    return name_or_path
 
 
 def load_model(name_or_path: str, **model_kwargs: Any) -> tuple[Any, Any]:

@@ -1278,3 +1278,85 @@ def test_several_data_files_are_edited_in_order_with_unique_indices(tmp_path):
     assert [r.index for r in load_many([first, second], "zsre", limit=3)] == [0, 1, 2]
     assert [r.index for r in load_many([first, second], "zsre", limit=2)] == [0, 1]
     assert load_many(first, "zsre") == load_records(first, "zsre")
+
+
+# -- refused before the first edit, and what a run records ------------------------------------------
+
+
+def no_edits_allowed(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the run edited before refusing")
+
+    monkeypatch.setattr(harness, "_apply_edits", fail)
+
+
+@pytest.mark.parametrize("texts, message", [
+    ("train.json", "list of non-empty strings"),  # a path where texts belong: not split into characters
+    (["fine", " "], "list of non-empty strings"),
+    (["fine", "word " * 500], "calibration texts"),  # longer than the tiny model's context
+])
+def test_unusable_calibration_texts_are_refused_before_editing(tmp_path, monkeypatch, texts, message):
+    model, data, config = tiny_run_inputs(tmp_path)
+    no_edits_allowed(monkeypatch)
+    with pytest.raises(MemoirError, match=message):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, progress=False,
+                    calibration_texts=texts)
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_editing(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    model, data, config = tiny_run_inputs(tmp_path)
+    no_edits_allowed(monkeypatch)
+    with pytest.raises(MemoirError, match="matplotlib writes"):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, progress=False,
+                    plot=tmp_path / "sweep.txt")
+
+
+def test_a_threshold_in_the_config_that_calibration_replaces_is_warned_about(tmp_path, monkeypatch):
+    model, data, config = tiny_run_inputs(tmp_path)  # the config sets threshold 0.9
+    no_edits_allowed(monkeypatch)
+    with pytest.warns(UserWarning, match="threshold 0.9 is not used"), pytest.raises(AssertionError):
+        harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit τ: nothing to warn about
+        with pytest.raises(AssertionError):
+            harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config,
+                        threshold=0.9, progress=False)
+
+
+def test_resuming_on_another_layer_is_refused(tmp_path):
+    model, data, config = tiny_run_inputs(tmp_path)
+    arguments = dict(format="jsonl", edits=1, threshold=0.5, progress=False, checkpoint_dir=tmp_path / "ck")
+    harness.run((model, make_byte_tokenizer()), data, config=dataclasses.replace(config, layer=1), **arguments)
+    with pytest.raises(MemoirError, match="layer"):
+        harness.run((model, make_byte_tokenizer()), data, config=dataclasses.replace(config, layer=0), **arguments)
+    assert not has_memoir_layer(model)
+
+
+def test_a_run_from_a_model_folder_records_it_in_its_checkpoints(tmp_path):
+    _, data, config = tiny_run_inputs(tmp_path)
+    folder = tmp_path / "tiny-llama"
+    make_tiny_model("llama").save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    harness.run(str(folder), data, format="jsonl", edits=1, config=config, threshold=0.5, progress=False,
+                checkpoint_dir=tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "memoir_config.json").read_text(encoding="utf-8"))
+    assert manifest["base_model"] == str(folder)
+
+
+def test_a_field_with_a_lone_surrogate_is_a_malformed_record(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(jsonl_row(0)) + "\n" + json.dumps(jsonl_row(1, prompt="bad \ud800")) + "\n",
+                    encoding="utf-8")
+    with pytest.warns(UserWarning, match="line 2.*not valid Unicode"):
+        assert [r.prompt for r in load_records(path, "jsonl")] == ["Prompt 0"]
+    with pytest.raises(DataError, match="not valid Unicode"):
+        load_records(path, "jsonl", strict=True)
+
+
+def test_calibration_texts_from_edit_records_without_locality_prompts_skip_them(tmp_path):
+    from memoir_hf.evaluation.datasets import load_texts
+
+    rows = [{"prompt": "The capital of X is", "target": "Y"}, {"prompt": "P", "target": "T", "loc": "an NQ question"}]
+    with pytest.warns(UserWarning, match="1 edit record"):
+        assert load_texts(write_jsonl(tmp_path / "train.jsonl", rows)) == ["an NQ question"]

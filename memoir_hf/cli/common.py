@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,7 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
 
     from ..config_sources import load_config
     from ..model import MemoirModel, patch
-    from ..offline_models import load_model
+    from ..offline_models import load_model, recorded_source
     from ..persistence.atomic import recover_interrupted_swap
     from ..persistence.checkpoint import is_checkpoint, read_checkpoint
     from ..persistence.loading import load
@@ -79,16 +78,6 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
     memoir.base_model_source = recorded_source(args.model) if args.model else source
     return memoir
 
-
-def recorded_source(name_or_path: str) -> str:
-    """The base model as the checkpoint records it: a local folder (what transformers loads from when
-    the folder exists) as an absolute path, so that the checkpoint finds it from any working directory;
-    a built-in name or a Hub id as given."""
-    from ..offline_models import BUILTIN_MODELS
-
-    if name_or_path not in BUILTIN_MODELS and os.path.isdir(name_or_path):
-        return os.path.abspath(name_or_path)
-    return name_or_path
 
 
 def print_json(value: Any) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..editing.inputs import valid_unicode
 from ..errors import MemoirError
 
 
@@ -183,11 +184,15 @@ def _field(row: dict[str, Any], key: str, *, required: bool, blank_ok: bool, whe
         return None
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: field {key!r} is not a non-empty string ({value!r:.40}).")
+    if not valid_unicode(value):
+        raise DataError(f"{where}: field {key!r} is not valid Unicode (it holds a lone surrogate).")
     return value
 
 
-# The text of a calibration record: the first of these keys it has (a blank one refuses the record).
+# The text of a calibration record: the first of these keys it has (a blank one refuses the file). An edit
+# record (one with a target) gives only its locality prompt: its own prompt is not unrelated text.
 _TEXT_KEYS = ("loc_prompt", "locality_prompt", "loc", "prompt")
+_TARGET_KEYS = ("target", "alt", "target_new")
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -204,6 +209,11 @@ def load_texts(path: str | Path) -> list[str]:
     if path.suffix in (".json", ".jsonl"):
         rows = _json_rows(path) if path.suffix == ".json" else _jsonl_rows(path)
         texts = [_text_of(item, _where(path, path.suffix[1:], i)) for i, item in rows]
+        skipped = texts.count(None)
+        if skipped:
+            warnings.warn(f"{path}: {skipped} edit record(s) without a locality prompt give no calibration text.",
+                          stacklevel=2)
+        texts = [text for text in texts if text is not None]
     else:
         texts = [line.strip() for line in _utf8_lines(path) if line.strip()]
     if not texts:
@@ -211,11 +221,16 @@ def load_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def _text_of(item: Any, where: str) -> str:
+def _text_of(item: Any, where: str) -> str | None:
+    """The calibration text of one item; None for an edit record without a locality prompt."""
     if isinstance(item, _Unparsable):
         raise DataError(f"{where}: not valid JSON ({item.error}).")
     if isinstance(item, dict):
-        item = next((item[key] for key in _TEXT_KEYS if key in item), None)
+        edit_record = any(key in item for key in _TARGET_KEYS)
+        keys = _TEXT_KEYS[:-1] if edit_record else _TEXT_KEYS
+        item = next((item[key] for key in keys if key in item), None)
+        if item is None and edit_record:
+            return None
     if not isinstance(item, str) or not item.strip():
         raise DataError(f"{where}: expected a string or an object with one of {', '.join(map(repr, _TEXT_KEYS))}.")
     return item

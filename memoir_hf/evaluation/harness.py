@@ -30,7 +30,7 @@ from ..config import MemoirConfig
 from ..editing.inputs import Fact
 from ..errors import MemoirConfigError, MemoirError
 from ..model import MemoirModel, patch
-from ..offline_models import load_model
+from ..offline_models import load_model, recorded_source
 from ..patching.target import find_target
 from ..persistence.atomic import atomic_file, recover_interrupted_swap
 from ..persistence.checkpoint import is_checkpoint
@@ -66,10 +66,16 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
                       f"evaluating T = {len(records)}.", stacklevel=2)
     if calibration_texts is not None:
         calibration_texts = _without_run_prompts(calibration_texts, records)
+    _warn_if_config_threshold_is_calibrated_away(config, method, threshold)
     base, tokenizer = load_model(model) if isinstance(model, str) else model
     memoir = _memoir(base, tokenizer, method, config, checkpoint_dir, records)
+    if isinstance(model, str):  # so that the checkpoints it saves name their base, as the CLI's do
+        memoir.base_model_source = recorded_source(model)
     try:
         _check_records_fit(memoir, records)
+        if calibration_texts is not None:
+            tokenizer = memoir._require_tokenizer()
+            memoir._check_fit([tokenizer(text)["input_ids"] for text in calibration_texts], "calibration texts")
         report = _edit_and_evaluate(memoir, records, format, method, threshold, checkpoint_dir, checkpoint_every,
                                     progress, calibration_texts)
     finally:
@@ -102,6 +108,10 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
         raise MemoirError("ft-l has no routing, so no threshold: drop --threshold for --method ft-l.")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise MemoirConfigError(f"threshold must be in [0, 1], got {threshold}.")
+    if isinstance(calibration_texts, (str, bytes)) or (calibration_texts is not None and not all(
+            isinstance(text, str) and text.strip() for text in calibration_texts)):
+        raise MemoirError("calibration_texts must be a list of non-empty strings (for a file, read it with "
+                          "memoir_hf.evaluation.datasets.load_texts).")
     if calibration_texts is not None and (method == "ft-l" or threshold is not None):
         raise MemoirError("calibration texts only serve to calibrate τ, which "
                           + ("ft-l does not have" if method == "ft-l" else "--threshold already sets")
@@ -114,11 +124,29 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
     if plot is not None and method == "ft-l":
         raise MemoirError("ft-l has no routing, so no τ sweep to plot: drop --plot for --method ft-l.")
     if plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise MemoirError("--plot needs matplotlib: pip install matplotlib (or memoir-hf[plot]), "
-                              "or drop --plot.") from None
+        _check_plot_format(Path(plot))
+
+
+def _check_plot_format(plot: Path) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MemoirError("--plot needs matplotlib: pip install matplotlib (or memoir-hf[plot]), "
+                          "or drop --plot.") from None
+    formats = Figure().canvas.get_supported_filetypes()
+    if plot.suffix and plot.suffix[1:].lower() not in formats:
+        raise MemoirError(f"cannot draw {plot}: matplotlib writes {', '.join(sorted(formats))}; use one of "
+                          "those suffixes (or none, for PNG).")
+
+
+def _warn_if_config_threshold_is_calibrated_away(config: MemoirConfig | None, method: str,
+                                                 threshold: float | None) -> None:
+    """A τ set in the config (or MEMOIR_THRESHOLD) would be replaced by the calibrated one: say so."""
+    default = MemoirConfig().threshold
+    if method == "memoir" and threshold is None and config is not None and config.threshold != default:
+        warnings.warn(f"the config's threshold {config.threshold} is not used: τ is calibrated. Pass "
+                      f"threshold={config.threshold} (--threshold {config.threshold}) to evaluate at it.",
+                      stacklevel=3)
 
 
 def _check_writable(name: str, path: Path, *, folder: bool = False) -> None:
@@ -216,14 +244,16 @@ def _memoir(base: Any, tokenizer: Any, method: str, config: MemoirConfig | None,
         recover_interrupted_swap(checkpoint_dir)
     if checkpoint_dir is None or not is_checkpoint(checkpoint_dir):
         return patch(base, config, tokenizer=tokenizer)
+    module = find_target(base, config).module_name
     memoir = MemoirModel.from_pretrained(base, checkpoint_dir, tokenizer)
     memoir.memoir_config.keep_edit_deltas = False
     done = [(e.prompt, e.target) for e in memoir.edits]
     saved, wanted = (_run_settings(c) for c in (memoir.memoir_config, config))
-    if saved != wanted or done != [(r.prompt, r.target) for r in records[:len(done)]]:
+    if saved != wanted or memoir.target.module_name != module \
+            or done != [(r.prompt, r.target) for r in records[:len(done)]]:
         memoir.unpatch()
-        raise MemoirError(f"{checkpoint_dir} holds a run with other edits or settings (method, config or --edits); "
-                          "resume with the same command, or use a fresh checkpoint_dir.")
+        raise MemoirError(f"{checkpoint_dir} holds a run with other edits or settings (method, config, layer or "
+                          "--edits); resume with the same command, or use a fresh checkpoint_dir.")
     return memoir
 
 
