@@ -72,7 +72,7 @@ class SharedExclusiveLock(FreshWhenCopied):
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         me = threading.get_ident()
-        if self._shared_depth():  # also when this thread holds it exclusively and made the forward itself
+        if self._shared_depth():  # also in the library's own passes, made while this thread holds it exclusively
             raise MemoirError("the memory cannot be changed from inside a forward or generate call on the "
                               "same model (for example from a hook or a streamer); change it after the call.")
         if self._writer != me:

@@ -504,7 +504,7 @@ class MemoirModel(nn.Module):
         """Generate the context prefixes at the first edit, and again once prefix_starts or prefix_lengths change."""
         settings = self._prefix_settings()
         if self.prefixes is None or settings != self._prefixes_from:
-            with self.router.preserved(), self.router.disabled():
+            with self._inference_mode(), self.router.preserved(), self.router.disabled():
                 self.prefixes = generate_prefixes(self.base_model, self._require_tokenizer(), *settings)
             self._prefixes_from = settings
 
@@ -525,8 +525,9 @@ class MemoirModel(nn.Module):
 
     @contextmanager
     def _inference_mode(self) -> Iterator[None]:
-        """Dropout off while the library runs the model itself; the caller's mode is restored."""
-        with self._eval_mode(self.base_model):
+        """Dropout off while the library runs the model itself (the caller's mode is restored), and the
+        memory held shared as in a user's forward, so a hook in these passes cannot change the memory."""
+        with self._memory_lock.shared(), self._eval_mode(self.base_model):
             yield
 
     # -- saving and loading -------------------------------------------------------------------

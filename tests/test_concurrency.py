@@ -114,7 +114,8 @@ def test_disable_memory_in_one_thread_leaves_the_others_alone(serial_states):
     assert results["disabled"] == (states[0][FACTS[0][0]][0], None)
 
 
-def test_changing_the_memory_from_inside_a_forward_is_refused():
+@pytest.mark.parametrize("caller", ["generate", "edit", "calibrate_threshold"])  # the library's own passes too
+def test_changing_the_memory_from_inside_a_forward_is_refused(caller):
     memoir = make_memoir()
     memoir.edit(*FACTS[0])
     refused = []
@@ -127,7 +128,12 @@ def test_changing_the_memory_from_inside_a_forward_is_refused():
 
     handle = memoir.base_model.model.layers[0].register_forward_hook(hook)
     try:
-        greedy(memoir, "Quantum fields fluctuate")
+        if caller == "generate":
+            greedy(memoir, "Quantum fields fluctuate")
+        elif caller == "edit":
+            memoir.edit(*FACTS[1])
+        else:
+            memoir.calibrate_threshold(["Quantum fields fluctuate"])
     finally:
         handle.remove()
     assert refused and all("inside a forward or generate call" in message for message in refused)
