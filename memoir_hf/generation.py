@@ -1,4 +1,5 @@
-"""Greedy continuations, the one way the library itself asks a model for an answer."""
+"""Greedy continuations, the one way the library itself asks a model for an answer, and the generate
+options routing cannot serve."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from .errors import MemoirError
 from .fingerprint.background import pad_token_id
 from .routing.router import RoutingDecision
 
@@ -20,6 +22,20 @@ class Answer:
     prompt: str
     text: str
     routing: RoutingDecision
+
+
+SPLIT_PROMPT_OPTIONS = ("prefill_chunk_size", "prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit")
+"""Generate options whose first forward holds part of the prompt, or draft tokens beside it."""
+
+
+def check_generate_options(kwargs: dict[str, Any], default_config: Any) -> None:
+    """Refuse the options under which routing would decide from something other than the whole prompt."""
+    config = kwargs.get("generation_config") or default_config
+    for name in SPLIT_PROMPT_OPTIONS:
+        if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+            raise MemoirError(f"generate with {name} is not supported on a patched model: routing decides from the "
+                              f"prompt in the first forward, and {name} splits the prompt or adds draft tokens to it. "
+                              f"Drop {name}.")
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from .feedback.log import FeedbackLog
 from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
 from .fingerprint.tophash import BACKGROUND_AGGREGATIONS, TopHash
-from .generation import Answer, greedy_new_tokens
+from .generation import Answer, check_generate_options, greedy_new_tokens
 from .management.consolidation import ConsolidationReport, consolidate
 from .management.search import matching_edits
 from .memory.earlier_keys import EarlierKeys
@@ -144,7 +144,8 @@ class MemoirModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's generate; routing is decided from the prompt and kept for every new token."""
         self._check_patched()
-        with self.router.generation():
+        check_generate_options(kwargs, getattr(self.base_model, "generation_config", None))
+        with self.router.generation(kwargs.get("attention_mask")):
             return self.base_model.generate(*args, **kwargs)
 
     # -- state ------------------------------------------------------------------------------

@@ -545,6 +545,34 @@ def test_patched_model_routes_padded_prompts_like_unpadded():
     assert [d.edit_id for d in memoir.routing] == [1, None]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_static_cache_routes_left_padded_prompts_like_a_dynamic_one(family):
+    """With a static cache generate's forwards get a 4D mask (a dict for Gemma 3): the prompt's tokens must
+    still come from generate's own 2D mask, not count the padding."""
+    memoir = memoir_hf.patch(make_tiny_model(family), fast_config(), tokenizer=make_byte_tokenizer())
+    memoir.edit(*FACTS[0])
+    tok = make_byte_tokenizer()
+    tok.padding_side = "left"
+    prompt = tok([FACTS[0][0], "Hi"], return_tensors="pt", padding=True)
+    assert prompt["attention_mask"][1].sum() < prompt["attention_mask"].shape[1]
+    decisions = {}
+    for cache in ("dynamic", "static"):
+        memoir.generate(**prompt, **generate_kwargs(), cache_implementation=cache)
+        decisions[cache] = [(d.edit_id, d.overlap) for d in memoir.routing]
+    assert decisions["static"] == decisions["dynamic"] and decisions["static"][0] == (0, 1.0)
+
+
+@pytest.mark.parametrize("option", [{"prefill_chunk_size": 8}, {"prompt_lookup_num_tokens": 4}])
+def test_generate_options_that_split_the_prompt_are_refused(option):
+    memoir, _ = make_patched()
+    memoir.edit(*FACTS[0])
+    prompt = make_byte_tokenizer()([FACTS[0][0]], return_tensors="pt")
+    with pytest.raises(MemoirError, match=f"{next(iter(option))} is not supported"):
+        memoir.generate(**prompt, **generate_kwargs(), **option)
+    memoir.generate(**prompt, **generate_kwargs())  # still fine without it
+    assert memoir.routing[0].edit_id == 0
+
+
 def test_tophash_permutation_depends_only_on_seed():
     torch.manual_seed(0)
     first = TopHash(D_FF, 10, "mean", seed=5).permutation

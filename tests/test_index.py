@@ -506,3 +506,20 @@ def test_with_a_gpu_the_index_searches_there_and_saves_a_cpu_index(monkeypatch, 
     assert isinstance(reloaded._faiss_index, FakeGpuIndexBinaryFlat)
     assert FakeGpuIndexBinaryFlat.built == 3  # the first index, the reloaded one, and the adopted saved one
     np.testing.assert_array_equal(reloaded.search(queries)[0], expected_positions)
+
+
+def test_ties_go_to_the_newest_copy_also_when_the_ivf_lists_run_out():
+    """The same mask stored 20 times (one fact edited again and again) fills IVF's probed list: the tie search
+    that asks for more candidates gets -1 padding back, and must still keep the newest copy it found."""
+    pytest.importorskip("faiss")
+    from memoir_hf.index.sublinear import build_ivf
+
+    rng = np.random.default_rng(0)
+    masks = random_masks(rng, 40, 64, 8)
+    masks = np.concatenate([masks, np.repeat(masks[:1], 20, axis=0)])
+    index = MaskIndex(64, 8, use_faiss=True)
+    index.add(masks)
+    index._ivf = build_ivf(index.codes, 4, rng=np.random.default_rng(1), train_per_list=10)
+    index._ivf.nprobe = 1
+    positions, _ = index.search(masks[:1])
+    assert positions[0] == len(masks) - 1

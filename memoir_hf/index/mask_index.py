@@ -202,9 +202,12 @@ class MaskIndex:
         """The newest stored mask at ``distance`` from ``code``, asking the index for more when all tie."""
         while distances[-1] == distance and len(distances) < len(self):
             found_distances, found = index.search(code, min(2 * len(distances), len(self)))
-            if len(found[0]) <= len(distances) or found[0, -1] < 0:
+            kept = found[0] >= 0  # an IVF index pads with -1 once its probed lists are exhausted
+            if kept.sum() <= len(distances):
                 break
-            distances, candidates = found_distances[0], found[0]
+            distances, candidates = found_distances[0][kept], found[0][kept]
+            if not kept.all():
+                break
         return int(candidates[(distances == distance) & (candidates >= 0)].max())
 
     def _search_numpy(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

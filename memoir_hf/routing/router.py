@@ -57,6 +57,8 @@ class _CallState(threading.local):
         self.explicit_prompt_mask: torch.Tensor | None = None
         self.in_generation = False
         self.generation_decided = False
+        self.generation_mask: torch.Tensor | None = None
+        """The [batch, seq] attention mask generate was called with (its forwards may get a 4D one)."""
 
 
 class Router:
@@ -100,7 +102,9 @@ class Router:
                 raise MemoirError(f"prompt_mask must be [batch, seq] like the input ({tuple(inputs.shape[:2])}), "
                                   f"got {tuple(explicit.shape)}.")
             mask = explicit if explicit is not None else arguments.get("attention_mask")
-            self._call.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            if not _is_2d(mask) and self._call.in_generation:  # a static cache's forwards get a 4D mask
+                mask = self._call.generation_mask
+            self._call.token_mask = mask if _is_2d(mask) else None
 
     def __call__(self, inputs: torch.Tensor) -> RoutedRows | None:
         batch = int(inputs.shape[0]) if inputs.dim() == 3 else self._call.batch_size
@@ -117,13 +121,16 @@ class Router:
 
     # -- scopes -----------------------------------------------------------------------------
     @contextmanager
-    def generation(self) -> Iterator[None]:
-        """Within generate: the first forward decides; every later step reuses it, cache or not."""
+    def generation(self, attention_mask: Any = None) -> Iterator[None]:
+        """Within generate: the first forward decides; every later step reuses it, cache or not.
+        ``attention_mask`` is generate's own, for the forwards that get another form of it."""
         self._call.in_generation, self._call.generation_decided = True, False
+        self._call.generation_mask = attention_mask if _is_2d(attention_mask) else None
         try:
             yield
         finally:
             self._call.in_generation, self._call.generation_decided = False, False
+            self._call.generation_mask = None
 
     @contextmanager
     def preserved(self) -> Iterator[None]:
@@ -175,7 +182,10 @@ class Router:
 
     def _token_mask_for(self, activations: torch.Tensor) -> torch.Tensor:
         mask = self._call.token_mask
-        if mask is None or tuple(mask.shape) != tuple(activations.shape[:2]):
+        batch, seq = activations.shape[:2]
+        if mask is not None and mask.shape[0] == batch and mask.shape[1] > seq:  # it covers cached tokens too
+            mask = mask[:, -seq:]
+        if mask is None or tuple(mask.shape) != (batch, seq):
             return torch.ones(activations.shape[:2], device=activations.device)
         return mask.to(activations.device)
 
@@ -190,6 +200,10 @@ class Router:
         for name in self._var_keyword:
             arguments = {**arguments.pop(name, {}), **arguments}
         return arguments
+
+
+def _is_2d(mask: Any) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 def _forward_signature(model: nn.Module) -> inspect.Signature | None:
