@@ -50,6 +50,9 @@ def main() -> None:
 
     config = MemoirConfig.from_yaml(args.config) if args.config else MemoirConfig()
     records = load_records(args.data, "zsre", limit=args.edits)
+    args.naive_edits = min(args.naive_edits, len(records))  # the naive path is compared over the first edits
+    if args.naive_edits < 1:
+        parser.error("--naive-edits and --edits must be at least 1 (and the data must hold a record)")
     base, tokenizer = load_builtin("smollm2")
     naive = memoir_hf.patch(copy.deepcopy(base), config, tokenizer=tokenizer)
     naive.edit_path = "naive"

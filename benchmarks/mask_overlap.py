@@ -4,7 +4,8 @@
         benchmarks/checkpoints/zsre_smollm2_memoir_sparse_T1000
 
 Reads only ``memoir_masks.safetensors`` (packed k-of-d_ff bits, one row an edit), so it needs no model.
-Prints a table and writes benchmarks/results/mask_overlap.json.
+Prints a table and adds each checkpoint's entry to benchmarks/results/mask_overlap.json (keyed by the
+checkpoint folder's name; the other entries are kept).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from _common import markdown_table, write_report
+from _common import markdown_table, merge_run, parse_args
 from safetensors.numpy import load_file
 
 
@@ -34,7 +35,10 @@ def mask_statistics(checkpoint: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
-    args = parser.parse_args()
+    args = parse_args(parser, name="mask_overlap", threads=1)
+    missing = [path for path in args.checkpoints if not (path / "memoir_masks.safetensors").is_file()]
+    if missing:
+        parser.error(f"{missing[0]} holds no memoir_masks.safetensors: pass saved memoir checkpoints")
     rows = [mask_statistics(path) for path in args.checkpoints]
     header = ["checkpoint", "edits", "k", "chance overlap", "mean overlap", "p95",
               "edits a column: mean / p99 / max", "columns in > 1/2 / > 1/4 of masks"]
@@ -43,7 +47,8 @@ def main() -> None:
          f"{r['p95_overlap']:.3f}",
          f"{r['edits_per_column_mean']:.0f} / {r['edits_per_column_p99']:.0f} / {r['edits_per_column_max']}",
          f"{r['columns_in_over_half']} / {r['columns_in_over_quarter']}"] for r in rows]))
-    write_report("mask_overlap", {"runs": rows})
+    for row in rows:
+        merge_run(args.name, Path(row["checkpoint"]).name, row)
 
 
 if __name__ == "__main__":

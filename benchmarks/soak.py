@@ -2,9 +2,11 @@
 generate calls; memory over time, wall time, and whether every edit still routes to itself at the end.
 
     python benchmarks/soak.py                                   # 5,000 edits: many hours on 2 cores
-    python benchmarks/soak.py --edits 1000 --max-steps 3 --name soak_1000   # a shorter run
+    python benchmarks/soak.py --edits 1000 --max-steps 3 --save-every 250 --generate-calls 2000 \
+        --name soak_1000                                        # the shorter run of soak_1000.json
 
-Facts come from the ZsRE edit set, then the ZsRE train subset, then CounterFact, in file order. Every
+Facts come from the ZsRE edit set, then the ZsRE train subset, then CounterFact, in file order, under
+``--data-dir`` (default ``$MEMOIR_DATA_DIR`` or ../shared/data). Every
 ``--save-every`` edits the memory is saved and attached to a second copy of the base model: its W_m,
 masks and records must equal the live ones, and a sample of edit prompts must route the same way.
 ``--max-steps`` (default: the config's) trades edit quality for speed; routing to itself does not
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import time
 from pathlib import Path
@@ -24,20 +27,21 @@ from pathlib import Path
 from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, trimmed_rss_mb, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared/data"
-SOURCES = [(DATA / "ZsRE/zsre_mend_edit.json", "zsre"),
-           (DATA / "ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json", "zsre"),
-           (DATA / "counterfact/counterfact-edit.json", "counterfact")]
+SOURCES = [("ZsRE/zsre_mend_edit.json", "zsre"), ("ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json", "zsre"),
+           ("counterfact/counterfact-edit.json", "counterfact")]
 ROUTING_SAMPLE = 50
 
 
-def load_facts(limit: int) -> list[dict]:
+def load_facts(data_dir: Path, limit: int) -> list[dict]:
     from memoir_hf.evaluation.datasets import load_records
 
     facts: list[dict] = []
-    for path, format in SOURCES:
-        if len(facts) >= limit or not path.exists():
-            continue
+    for name, format in SOURCES:
+        path = data_dir / name
+        if len(facts) >= limit:
+            break
+        if not path.exists():
+            raise SystemExit(f"{path} not found: pass --data-dir (or set MEMOIR_DATA_DIR) to the evaluation data.")
         for record in load_records(path, format, limit=limit - len(facts)):
             facts.append({"prompt": record.prompt, "target": record.target,
                           "metadata": {"source": f"{path.name}:{record.index}"}})
@@ -94,7 +98,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/checkpoints/soak"), help="checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("MEMOIR_DATA_DIR", ROOT.parent / "shared/data")))
     args = parse_args(parser, name="soak", threads=2)
+    if min(args.edits, args.save_every, args.generate_calls) < 1:
+        parser.error("--edits, --save-every and --generate-calls must be at least 1")
 
     import copy
 
@@ -102,7 +110,9 @@ def main() -> None:
     from memoir_hf.offline_models import load_builtin
 
     rng = random.Random(args.seed)
-    facts = load_facts(args.edits)
+    facts = load_facts(args.data_dir, args.edits)
+    if len(facts) < args.edits:
+        parser.error(f"the data holds {len(facts)} facts, fewer than --edits {args.edits}")
     config = dataclasses.replace(memoir_hf.MemoirConfig.from_yaml(args.config), keep_edit_deltas=False)
     if args.max_steps is not None:
         config = dataclasses.replace(config, max_steps=args.max_steps)

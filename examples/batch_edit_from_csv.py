@@ -4,8 +4,9 @@
     python examples/batch_edit_from_csv.py my_facts.csv --out my-edits --model smollm2
 
 The file needs a ``prompt`` and a ``target`` column; any other column is kept as the edit's metadata.
-Every row is checked before the first edit, so a bad row stops the run before anything changes. With
-``--out`` pointing at an existing checkpoint, the new edits are added to the ones it holds.
+Every row, and the ``--out`` path, is checked before the first edit, so a bad row stops the run before
+anything changes. With ``--out`` pointing at an existing checkpoint, the new edits are added to the ones
+it holds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     facts = memoir_hf.read_facts(args.facts)  # checks every row first: MemoirError names a bad line
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give a checkpoint folder")
     model, tokenizer = load_model(args.model)
     if is_checkpoint(args.out):
         memoir = memoir_hf.MemoirModel.from_pretrained(model, args.out, tokenizer)

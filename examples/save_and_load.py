@@ -1,10 +1,11 @@
 """Edit SmolLM2, save the edits, load them in a fresh process, and check the answers match.
 
-    python examples/save_and_load.py [checkpoint_dir]
+    python examples/save_and_load.py [checkpoint_dir]    # default: a new temporary folder
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -52,10 +53,14 @@ def load_and_answer(folder: str) -> list[dict]:
 
 
 def main() -> None:
-    folder = sys.argv[1] if len(sys.argv) > 1 else os.path.join(tempfile.mkdtemp(), "memoir-ckpt")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", nargs="?", default=None)
+    folder = parser.parse_args().checkpoint_dir or os.path.join(tempfile.mkdtemp(), "memoir-ckpt")
     before = edit_and_save(folder)
     print(f"saved {len(FACTS)} edits to {folder}: {sorted(os.listdir(folder))}")
-    fresh = subprocess.run([sys.executable, __file__, "--load", folder], check=True, capture_output=True, text=True)
+    fresh = subprocess.run([sys.executable, __file__, "--load", folder], capture_output=True, text=True)
+    if fresh.returncode != 0:
+        sys.exit(f"loading the edits in a fresh process failed:\n{fresh.stderr}")
     after = json.loads(fresh.stdout.strip().splitlines()[-1])
     for old, new in zip(before, after, strict=True):
         print(f"{old['question']!r}: this process {old['answer']!r} (edit {old['edit']}), "
