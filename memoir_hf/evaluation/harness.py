@@ -129,6 +129,7 @@ def _check_arguments(method: str, edits: int, threshold: float | None, checkpoin
 
 def _check_plot_format(plot: Path) -> None:
     try:
+        import matplotlib  # noqa: F401 - first, so that a matplotlib hidden from sys.modules counts as absent
         from matplotlib.figure import Figure
     except ImportError:
         raise MemoirError("--plot needs matplotlib: pip install matplotlib (or memoir-hf[plot]), "
