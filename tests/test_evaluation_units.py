@@ -1297,6 +1297,7 @@ def no_edits_allowed(monkeypatch) -> None:
 ])
 def test_unusable_calibration_texts_are_refused_before_editing(tmp_path, monkeypatch, texts, message):
     model, data, config = tiny_run_inputs(tmp_path)
+    config = dataclasses.replace(config, threshold=MemoirConfig().threshold)  # calibrated: no τ of its own
     no_edits_allowed(monkeypatch)
     with pytest.raises(MemoirError, match=message):
         harness.run((model, make_byte_tokenizer()), data, format="jsonl", edits=2, config=config, progress=False,
