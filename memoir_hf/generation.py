@@ -30,6 +30,9 @@ SPLIT_PROMPT_OPTIONS = ("prefill_chunk_size", "prompt_lookup_num_tokens", "assis
 
 def check_generate_options(kwargs: dict[str, Any], default_config: Any) -> None:
     """Refuse the options under which routing would decide from something other than the whole prompt."""
+    if "prompt_mask" in kwargs:
+        raise MemoirError("generate takes no prompt_mask: it routes from the whole prompt, as its attention_mask "
+                          "marks it; prompt_mask is for forward calls whose input also holds an answer.")
     config = kwargs.get("generation_config") or default_config
     for name in SPLIT_PROMPT_OPTIONS:
         if kwargs.get(name) is not None or getattr(config, name, None) is not None:

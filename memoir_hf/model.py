@@ -78,6 +78,7 @@ class MemoirModel(nn.Module):
                  use_faiss: bool | None = None, checkpoint: Checkpoint | None = None):
         super().__init__()
         _refuse_double_patch(model)
+        _check_config_and_tokenizer(config, tokenizer)
         config = dataclasses.replace(config) if config is not None else MemoirConfig()
         target = find_target(model, config)
         if tokenizer is None and checkpoint is None:
@@ -128,6 +129,9 @@ class MemoirModel(nn.Module):
         except AttributeError:
             base = self.__dict__.get("_modules", {}).get("base_model")
             if base is None or name.startswith("__"):
+                if self.__dict__.get("_patched") is False and not name.startswith("__"):
+                    raise PatchError(f"this MemoirModel was unpatched, so it no longer has {name!r}: use the "
+                                     "model unpatch() returned.") from None
                 raise
             return getattr(base, name)
 
@@ -137,6 +141,8 @@ class MemoirModel(nn.Module):
         tokens) limits the fingerprint to the prompt when the input also holds an answer, as in
         teacher forcing; by default every attended token counts."""
         self._check_patched()
+        if prompt_mask is not None:
+            _check_prompt_mask(prompt_mask)
         with self.router.prompt_mask(prompt_mask):
             return self.base_model(*args, **kwargs)
 
@@ -563,6 +569,7 @@ class MemoirModel(nn.Module):
     def attach(cls, model: nn.Module, checkpoint: Checkpoint, tokenizer: Any = None, *,
                use_faiss: bool | None = None) -> MemoirModel:
         """Attach an already read checkpoint to a base model (see from_pretrained)."""
+        _refuse_double_patch(model)
         check_model_type(checkpoint.fingerprint, model)
         saved_k = checkpoint.manifest["target"].get("top_k")
         config = dataclasses.replace(checkpoint.config)
@@ -627,7 +634,9 @@ class MemoirModel(nn.Module):
 
     def _check_patched(self) -> None:
         if not self.__dict__.get("_patched", False):
-            raise PatchError("this MemoirModel was unpatched; patch the model again with memoir_hf.patch(...).")
+            raise PatchError("this MemoirModel was unpatched: its edits can no longer be used or saved "
+                             "(save_pretrained before unpatch() keeps them); patch the model again with "
+                             "memoir_hf.patch(...).")
 
     def __repr__(self) -> str:
         state = f"{len(self.store)} edits" if self.__dict__.get("_patched") else "unpatched"
@@ -655,6 +664,25 @@ def _text_list(texts: Any, refusal: str) -> list[str]:
 def _finite_in(values: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether every value is finite, also once stored in ``dtype`` (fp16 overflows past 65504)."""
     return bool(torch.isfinite(values.to(dtype)).all())
+
+
+def _check_prompt_mask(mask: Any) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise MemoirError(f"prompt_mask must be a [batch, seq] torch tensor of 0/1, got {type(mask).__name__}"
+                          + (f" of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else "") + ".")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise MemoirError("prompt_mask must hold only 0 and 1 (1 on prompt tokens).")
+
+
+def _check_config_and_tokenizer(config: Any, tokenizer: Any) -> None:
+    """The two arguments users swap or pass in another form: refused with what to pass instead."""
+    if config is not None and not isinstance(config, MemoirConfig):
+        hint = ("that looks like a tokenizer: pass it as tokenizer=..." if callable(config)
+                else "build one with MemoirConfig(**settings) or MemoirConfig.from_yaml(path)")
+        raise PatchError(f"config must be a MemoirConfig or None, got {type(config).__name__}; {hint}.")
+    if tokenizer is not None and not callable(tokenizer):
+        raise PatchError(f"tokenizer must be a loaded tokenizer (AutoTokenizer.from_pretrained(...)), "
+                         f"got {type(tokenizer).__name__}.")
 
 
 def _refuse_double_patch(model: nn.Module) -> None:

@@ -861,3 +861,44 @@ def test_deepcopy_of_a_patched_model_is_independent(byte_tokenizer):
     assert [e.prompt for e in memoir.edits] == ["The cat sat on the"] and len(copied.edits) == 2
     assert torch.equal(memoir(**ids).logits, before)
     assert copied.store.index.search_method == memoir.store.index.search_method
+
+
+# -- arguments users mix up: refused with what to pass instead ---------------------------------------
+
+def test_patch_refuses_a_tokenizer_or_dict_as_config_and_a_string_as_tokenizer():
+    tok = make_byte_tokenizer()
+    with pytest.raises(PatchError, match="looks like a tokenizer"):
+        memoir_hf.patch(make_tiny_model("llama"), tok)
+    with pytest.raises(PatchError, match="MemoirConfig\\(\\*\\*settings\\)"):
+        memoir_hf.patch(make_tiny_model("llama"), {"threshold": 0.5}, tokenizer=tok)
+    with pytest.raises(PatchError, match="loaded tokenizer"):
+        memoir_hf.patch(make_tiny_model("llama"), fast_config(), tokenizer="gpt2")
+
+
+def test_attaching_to_a_patched_model_says_it_is_patched(tmp_path):
+    memoir, _ = make_patched()
+    memoir.edit(*FACTS[0])
+    memoir.save_pretrained(tmp_path / "ckpt")
+    for model in (memoir, memoir.base_model):
+        with pytest.raises(PatchError, match="already (a MemoirModel|patched)"):
+            MemoirModel.from_pretrained(model, tmp_path / "ckpt", make_byte_tokenizer())
+
+
+def test_an_unpatched_wrapper_says_so_for_forwarded_attributes():
+    memoir, _ = make_patched()
+    memoir.unpatch()
+    with pytest.raises(PatchError, match="unpatched, so it no longer has 'config'"):
+        memoir.config  # noqa: B018
+    with pytest.raises(PatchError, match="save_pretrained before unpatch"):
+        memoir.edit(*FACTS[0])
+
+
+@pytest.mark.parametrize("mask", [[[1, 1]], torch.ones(2), torch.full((1, 2), float("nan")), torch.full((1, 2), 2)])
+def test_a_malformed_prompt_mask_is_refused(mask):
+    memoir, _ = make_patched()
+    memoir.edit(*FACTS[0])
+    with pytest.raises(MemoirError, match="prompt_mask"):
+        memoir(torch.tensor([[65, 66]]), prompt_mask=mask)
+    prompt = make_byte_tokenizer()([FACTS[0][0]], return_tensors="pt")
+    with pytest.raises(MemoirError, match="generate takes no prompt_mask"):
+        memoir.generate(**prompt, **generate_kwargs(), prompt_mask=torch.ones_like(prompt["input_ids"]))

@@ -184,3 +184,13 @@ def test_learn_from_takes_a_path_and_refuses_other_arguments(memoir, tmp_path):
     for bad in (1.5, -0.1, float("nan"), True, "0.5"):
         with pytest.raises(MemoirError, match="min_confidence"):
             memoir.learn_from(log, min_confidence=bad, progress=False)
+
+
+def test_a_log_path_that_is_no_file_path_and_text_with_a_lone_surrogate_are_refused(tmp_path):
+    for path in (None, 123, "", tmp_path):
+        with pytest.raises(MemoirError, match="FeedbackLog needs the path"):
+            FeedbackLog(path)
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    with pytest.raises(MemoirError, match="not valid Unicode"):
+        log.add("ab\ud800", "x")
+    assert not log.path.exists()

@@ -661,6 +661,41 @@ def test_resave_replaces_memoir_files_and_keeps_user_files(exchange, saved, copy
     same_state(other, loaded)
 
 
+@pytest.mark.parametrize("save_base", [False, True])
+def test_a_save_keeps_empty_folders_links_and_files_named_like_base_files(saved, copy_of, tmp_path, save_base):
+    folder = copy_of
+    (folder / "empty").mkdir()
+    (folder / "data").mkdir()
+    (folder / "data" / "x.txt").write_text("x")
+    (folder / "data_link").symlink_to("data")
+    (folder / "outside_link").symlink_to(tmp_path)
+    for name in ("vocab_notes.txt", "tokenizer_experiments.md", "model_card_draft.md"):
+        (folder / name).write_text(name)
+    make_memoir(facts=OTHER_FACTS[:1]).save_pretrained(folder, save_base=save_base)
+    assert (folder / "empty").is_dir() and (folder / "data" / "x.txt").read_text() == "x"
+    assert os.readlink(folder / "data_link") == "data" and os.readlink(folder / "outside_link") == str(tmp_path)
+    for name in ("vocab_notes.txt", "tokenizer_experiments.md", "model_card_draft.md"):
+        assert (folder / name).read_text() == name
+
+
+def test_saving_through_a_link_to_a_checkpoint_keeps_the_link(saved, copy_of, tmp_path):
+    link = tmp_path / "link_ckpt"
+    link.symlink_to(copy_of)
+    other = make_memoir(facts=OTHER_FACTS[:1])
+    other.save_pretrained(link)
+    assert link.is_symlink() and attach(copy_of).edits == other.edits
+    assert not [p for p in tmp_path.iterdir() if "memoir-writing" in p.name]
+
+
+def test_saving_onto_the_current_directory_is_refused(saved, copy_of, monkeypatch):
+    monkeypatch.chdir(copy_of)
+    before = digests(copy_of)
+    for path in (".", "", str(copy_of.parent)):
+        with pytest.raises(MemoirError, match="current directory"):
+            make_memoir(facts=OTHER_FACTS[:1]).save_pretrained(path)
+    assert digests(copy_of) == before
+
+
 def test_resave_with_numpy_backend_leaves_no_stale_index(saved, copy_of):
     other = make_memoir(facts=OTHER_FACTS[:1], use_faiss=False)
     other.save_pretrained(copy_of)

@@ -25,6 +25,7 @@ try:
 except ImportError:  # not POSIX: appends are not locked
     fcntl = None  # type: ignore[assignment]
 
+from ..editing.inputs import valid_unicode
 from ..errors import MemoirError
 from ..memory.store import utc_now
 
@@ -55,13 +56,21 @@ class Feedback:
             raise MemoirError(f"feedback confidence must be a number in [0, 1], got {confidence!r}.")
         if not isinstance(self.source, str) or not isinstance(self.feedback_id, str) or not self.feedback_id:
             raise MemoirError("feedback source and feedback_id must be strings (feedback_id non-empty).")
+        for name in ("prompt", "correction", "answer", "source"):
+            value = getattr(self, name)
+            if value is not None and not valid_unicode(value):
+                raise MemoirError(f"feedback {name} is not valid Unicode (it holds a lone surrogate): {value!r:.60}")
 
 
 class FeedbackLog:
     """The feedback in one JSONL file, oldest first. The file is created on the first ``add``."""
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+            raise MemoirError(f"a FeedbackLog needs the path of its JSONL file, got {path!r}.")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise MemoirError(f"{self.path} is a folder; a FeedbackLog needs the path of a file in it.")
 
     def add(self, prompt: str, correction: str, *, answer: str | None = None, confidence: float = 1.0,
             source: str = "user") -> Feedback:

@@ -64,8 +64,13 @@ def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()
     glob pattern in ``owned`` (files this save is responsible for: a stale one must not survive).
     """
     destination = Path(destination).absolute()
+    if destination.is_symlink():  # save into the folder it points to, and keep the link
+        destination = destination.resolve()
     if destination.exists() and not destination.is_dir():
         raise MemoirError(f"cannot save to {destination}: it exists and is not a folder; choose a folder path.")
+    if Path.cwd().resolve().is_relative_to(destination.resolve()):
+        raise MemoirError(f"cannot save to {destination}: it is the current directory (or holds it), which a save "
+                          "replaces whole; choose a checkpoint folder below it.")
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         with _save_lock(destination):
@@ -157,16 +162,28 @@ def recover_interrupted_swap(destination: str | os.PathLike) -> None:
 
 
 def _carry_over(destination: Path, temporary: Path, owned: Collection[str]) -> None:
-    for source in destination.rglob("*"):
-        relative = source.relative_to(destination)
-        target = temporary / relative
-        if source.is_dir() or target.exists() or any(fnmatch.fnmatch(str(relative), p) for p in owned):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
+    """Bring the files, folders (empty ones too) and symbolic links of ``destination`` the save did not write."""
+    for folder, folders, files in os.walk(destination):
+        for name in folders + files:
+            source = Path(folder) / name
+            relative = source.relative_to(destination)
+            target = temporary / relative
+            if target.exists() or target.is_symlink() or any(fnmatch.fnmatch(str(relative), p) for p in owned):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_symlink():  # os.walk does not enter a linked folder: the link itself is kept
+                os.symlink(os.readlink(source), target)
+            elif source.is_dir():
+                target.mkdir()
+            else:
+                _link_or_copy(source, target)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _swap_in(temporary: Path, destination: Path) -> None:

@@ -12,9 +12,11 @@ from torch import nn
 from ..errors import MemoirError
 
 # What a transformers save writes: with save_base, stale copies of these must not be carried over.
-BASE_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model*.safetensors.index.json",
-                    "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tokenizer*", "special_tokens_map.json",
-                    "chat_template*", "vocab*", "merges.txt", "added_tokens.json")
+BASE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                    "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model-*-of-*.bin",
+                    "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "added_tokens.json")
 
 
 def save_base_model(model: nn.Module, tokenizer: Any, folder: Path) -> None:

@@ -99,7 +99,8 @@ class Router:
             explicit = self._call.explicit_prompt_mask
             if explicit is not None and (explicit.dim() != 2 or (isinstance(inputs, torch.Tensor)
                                                                  and tuple(explicit.shape) != tuple(inputs.shape[:2]))):
-                raise MemoirError(f"prompt_mask must be [batch, seq] like the input ({tuple(inputs.shape[:2])}), "
+                shape = tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) else "no input_ids"
+                raise MemoirError(f"prompt_mask must be [batch, seq] like the input ({shape}), "
                                   f"got {tuple(explicit.shape)}.")
             mask = explicit if explicit is not None else arguments.get("attention_mask")
             if not _is_2d(mask) and self._call.in_generation:  # a static cache's forwards get a 4D mask
