@@ -84,7 +84,8 @@ def load_model(name_or_path: str, **model_kwargs: Any) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
-    except (OSError, ValueError) as error:
-        raise MemoirError(f"could not load model {name_or_path!r} ({error}); pass a local folder, a Hub id that "
-                          f"is cached or reachable, or a built-in name: {', '.join(BUILTIN_MODELS)}.") from None
+    except Exception as error:  # noqa: BLE001 - transformers, safetensors and torch each raise their own kind
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MemoirError(f"could not load model {name_or_path!r} ({first_line}); pass a local folder, a Hub id "
+                          f"that is cached or reachable, or a built-in name: {', '.join(BUILTIN_MODELS)}.") from None
     return model.eval(), tokenizer

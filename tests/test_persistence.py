@@ -459,6 +459,22 @@ def test_load_with_device_map(saved_with_base):
     assert torch.equal(logits, saved_with_base.logits) and routing == saved_with_base.routing
 
 
+@pytest.mark.parametrize("damage", ["model.safetensors", "config.json", "a bad dtype"])
+def test_a_damaged_saved_base_is_a_clear_error(saved_with_base, tmp_path, damage):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(saved_with_base.path, folder)
+    arguments = {"dtype": "float17"} if damage == "a bad dtype" else {}
+    if damage != "a bad dtype":
+        (folder / damage).write_bytes(b"\x00garbage")
+    with pytest.raises(MemoirError, match="could not load the base model saved in"):
+        memoir_hf.load(folder, **arguments)
+    from memoir_hf.offline_models import load_model
+
+    if damage == "model.safetensors":
+        with pytest.raises(MemoirError, match="could not load model"):
+            load_model(str(folder))
+
+
 def test_load_without_saved_base_is_refused(saved):
     with pytest.raises(MemoirError, match="from_pretrained"):
         memoir_hf.load(saved.path)
@@ -960,3 +976,25 @@ def test_resave_without_base_over_a_saved_base_still_loads(saved_with_base, tmp_
     loaded.save_pretrained(folder)
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert len(memoir_hf.load(folder).edits) == 4
+
+
+@pytest.mark.parametrize("field, value", [("base_model_fingerprint", "x"), ("next_edit_id", "abc"),
+                                          ("next_edit_id", None), ("prefixes", 5), ("prefixes", [1, 2]),
+                                          ("base_model", 5)])
+def test_a_manifest_field_of_the_wrong_type_is_refused_when_read(copy_of, field, value):
+    manifest = json.loads((copy_of / CONFIG_FILE).read_text(encoding="utf-8"))
+    manifest[field] = value
+    (copy_of / CONFIG_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"{field} has the wrong type"):
+        attach(copy_of)
+
+
+@pytest.mark.parametrize("field, value", [("prompt", 5), ("edit_id", "0"), ("success", "yes"), ("loss", None)])
+def test_an_edit_record_field_of_the_wrong_type_is_refused_when_read(copy_of, field, value):
+    lines = (copy_of / EDITS_FILE).read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[0])
+    record[field] = value
+    lines[0] = json.dumps(record)
+    (copy_of / EDITS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=f"{field} of the wrong type"):
+        attach(copy_of)

@@ -215,7 +215,26 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         missing.append("a target module_name (text) and d_model/d_ff/top_k (integers)")
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; the file is corrupt.")
+    wrong = [field for field, valid in _MANIFEST_FIELD_CHECKS.items()
+             if field in manifest and not valid(manifest[field])]
+    if wrong:
+        raise CheckpointError(f"{path}: {', '.join(wrong)} {'has' if len(wrong) == 1 else 'have'} the wrong type; "
+                              "the file was edited by hand or is corrupt.")
     return manifest
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) in (int, float) for v in value)
+
+
+_MANIFEST_FIELD_CHECKS = {  # what the loader reads from the manifest beyond the target and config
+    "base_model_fingerprint": lambda v: isinstance(v, dict) and _is_number_list(v.get("weight_probe", [])),
+    "next_edit_id": lambda v: type(v) is int and v >= 0,
+    "prefixes": lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+    "base_model": lambda v: v is None or isinstance(v, str),
+}
+_RECORD_FIELD_TYPES = {"edit_id": (int,), "prompt": (str,), "target": (str,), "created": (str,), "success": (bool,),
+                       "loss": (int, float)}
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -302,6 +321,11 @@ def _read_edits(path: Path) -> list[EditRecord]:
 def _record(values: Any, where: str) -> EditRecord:
     if not isinstance(values, dict) or set(values) != _RECORD_FIELDS:
         raise CheckpointError(f"{where} must hold exactly {sorted(_RECORD_FIELDS)}.")
+    wrong = [name for name, kinds in _RECORD_FIELD_TYPES.items()
+             if type(values[name]) not in kinds or (name == "edit_id" and values[name] < 0)]
+    if wrong:
+        raise CheckpointError(f"{where}: {', '.join(wrong)} of the wrong type; the file was edited by hand or is "
+                              "corrupt.")
     if not isinstance(values["metadata"], dict) or not valid_merged_ids(values["metadata"]):
         raise CheckpointError(f"{where}: metadata must be a JSON object whose {MERGED_KEY!r}, if present, is a list "
                               "of edit ids (ints); the file was edited by hand or is corrupt.")

@@ -28,7 +28,17 @@ def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_
     if not (folder / "config.json").is_file():
         raise MemoirError(f"{folder} holds memoir state only (saved without save_base=True). Load the base model "
                           "yourself and attach the edits: MemoirModel.from_pretrained(base_model, path).")
-    model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
-    if tokenizer is None and any(folder.glob("tokenizer*")):
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
+        if tokenizer is None and any(folder.glob("tokenizer*")):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - transformers, safetensors and torch each raise their own kind
+        raise MemoirError(f"could not load the base model saved in {folder}: {type(error).__name__}: "
+                          f"{_first_line(error)}. If its files are damaged, load the base from its original "
+                          "source and attach the edits: MemoirModel.from_pretrained(base_model, path).") from error
     return MemoirModel.attach(model, checkpoint, tokenizer, use_faiss=use_faiss)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
