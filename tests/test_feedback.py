@@ -194,3 +194,14 @@ def test_a_log_path_that_is_no_file_path_and_text_with_a_lone_surrogate_are_refu
     with pytest.raises(MemoirError, match="not valid Unicode"):
         log.add("ab\ud800", "x")
     assert not log.path.exists()
+
+
+def test_a_correction_that_cannot_be_edited_is_skipped_and_the_others_applied(memoir, tmp_path):
+    log = FeedbackLog(tmp_path / "feedback.jsonl")
+    good = log.add("The cat sat on the", "mat")
+    too_long = log.add("a " * 200, "too long")
+    with pytest.warns(UserWarning, match="1 correction"):
+        report = memoir.learn_from(log, progress=False)
+    assert set(report.applied) | set(report.failed) == {good.feedback_id}
+    assert list(report.invalid) == [too_long.feedback_id] and "tokens" in report.invalid[too_long.feedback_id]
+    assert [e.metadata["feedback_id"] for e in memoir.edits] == [good.feedback_id]

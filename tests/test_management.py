@@ -1121,3 +1121,16 @@ def test_merged_ids_carry_over_when_a_kept_edit_is_merged_again():
     assert [e.edit_id for e in memoir.removed_edits] == [0, 1]
     memoir.remove_edit(2)  # the kept delta holds all three: the memory is empty again (up to summation order)
     assert torch.allclose(memory(memoir), torch.zeros_like(memory(memoir)), atol=1e-6)
+
+
+@pytest.mark.parametrize("argument, message", [(None, "path of a .jsonl or .csv file"), (5, "path of a .jsonl"),
+                                               ("What is the capital of France?", "edit\\(prompt, target\\)")])
+def test_read_facts_says_what_it_takes(argument, message):
+    with pytest.raises(MemoirError, match=message):
+        memoir_hf.read_facts(argument)
+
+
+def test_read_facts_of_a_folder_says_it_is_a_folder(tmp_path):
+    (tmp_path / "facts.jsonl").mkdir()
+    with pytest.raises(MemoirError, match="is a folder"):
+        memoir_hf.read_facts(tmp_path / "facts.jsonl")

@@ -23,10 +23,16 @@ _ANSWER_KEYS = ("target", "answer")
 
 def read_facts(path: str | Path) -> list[dict[str, Any]]:
     """Records ``{"prompt", "target", "metadata"}``; EditInputError naming the file and line otherwise."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise EditInputError(f"read_facts needs the path of a .jsonl or .csv file, got {type(path).__name__}.")
     path = Path(path)
     if path.suffix.lower() not in FACT_SUFFIXES:
-        raise EditInputError(f"{path}: facts are read from .jsonl or .csv files, not {path.suffix or 'no suffix'!r}.")
+        hint = "" if path.suffix else " (to write one fact, call edit(prompt, target))"
+        raise EditInputError(f"{path}: facts are read from .jsonl or .csv files, not {path.suffix or 'no suffix'!r}"
+                             f"{hint}.")
     try:
+        if path.is_dir():
+            raise EditInputError(f"{path} is a folder; give the path of a fact file.")
         if not path.is_file():
             raise EditInputError(f"{path} does not exist.")
         text = path.read_text(encoding="utf-8-sig")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .log import FeedbackLog
+from ..editing.inputs import check_fact
+from ..errors import MemoirError
+from .log import Feedback, FeedbackLog
 
 if TYPE_CHECKING:
     from ..model import MemoirModel
@@ -25,6 +28,8 @@ class LearnReport:
     None for an edit rolled back because its optimisation produced NaN/inf (nothing stored)."""
     already_applied: list[str] = field(default_factory=list)
     below_confidence: list[str] = field(default_factory=list)
+    invalid: dict[str, str] = field(default_factory=dict)
+    """feedback_id -> why it cannot be edited (say, a prompt longer than the model's context); skipped."""
 
 
 def learn_from(memoir: MemoirModel, log: FeedbackLog, *, min_confidence: float = 0.8,
@@ -42,11 +47,25 @@ def learn_from(memoir: MemoirModel, log: FeedbackLog, *, min_confidence: float =
             report.already_applied.append(entry.feedback_id)
         elif entry.confidence < min_confidence:
             report.below_confidence.append(entry.feedback_id)
+        elif (reason := _why_not_editable(memoir, entry)) is not None:
+            report.invalid[entry.feedback_id] = reason
         else:
             pending.append(entry)
+    if report.invalid:
+        warnings.warn(f"{log.path}: {len(report.invalid)} correction(s) cannot be edited and were skipped "
+                      f"(LearnReport.invalid says why): {next(iter(report.invalid.values()))}", stacklevel=3)
     records = [{"prompt": e.prompt, "target": e.correction,
                 "metadata": {FEEDBACK_KEY: e.feedback_id, "source": e.source, "confidence": e.confidence}}
                for e in pending]
     for entry, result in zip(pending, memoir.edit_many(records, progress=progress), strict=True):
         (report.applied if result.success else report.failed)[entry.feedback_id] = result.edit_id
     return report
+
+
+def _why_not_editable(memoir: MemoirModel, entry: Feedback) -> str | None:
+    """The check every edit makes, on one correction: None when it can be edited."""
+    try:
+        memoir._encode(check_fact(entry.prompt, entry.correction))
+    except MemoirError as error:
+        return str(error)
+    return None
