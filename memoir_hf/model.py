@@ -546,6 +546,8 @@ class MemoirModel(nn.Module):
         Files already in the folder that this save does not write are kept.
         """
         self._check_patched()
+        if not isinstance(save_base, bool):
+            raise MemoirError(f"save_base must be True or False, got {save_base!r}.")
         if self.prefixes is not None:  # saved prefixes must come from the saved prefix settings
             self._ensure_prefixes()
         owned = MEMOIR_FILES + (BASE_MODEL_FILES if save_base else ())

@@ -998,3 +998,20 @@ def test_an_edit_record_field_of_the_wrong_type_is_refused_when_read(copy_of, fi
     (copy_of / EDITS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match=f"{field} of the wrong type"):
         attach(copy_of)
+
+
+@pytest.mark.parametrize("path", [None, 5, ""])
+def test_a_checkpoint_folder_that_is_not_a_path_is_refused(saved, path):
+    with pytest.raises(MemoirError, match="must be given as a path"):
+        saved.memoir.save_pretrained(path)
+    with pytest.raises(MemoirError, match="must be given as a path"):
+        MemoirModel.from_pretrained(make_tiny_model("llama"), path, make_byte_tokenizer())
+    with pytest.raises(MemoirError, match="must be given as a path"):
+        memoir_hf.load(path)
+
+
+def test_flags_that_are_not_booleans_are_refused(saved, tmp_path):
+    with pytest.raises(MemoirError, match="save_base must be True or False"):
+        saved.memoir.save_pretrained(tmp_path / "ckpt", save_base="yes")
+    with pytest.raises(MemoirError, match="use_faiss must be True, False or None"):
+        memoir_hf.patch(make_tiny_model("llama"), use_faiss="yes", tokenizer=make_byte_tokenizer())

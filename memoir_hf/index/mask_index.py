@@ -57,6 +57,8 @@ class MaskIndex:
     """
 
     def __init__(self, n_bits: int, top_k: int, *, use_faiss: bool | None = None):
+        if use_faiss not in (None, True, False):
+            raise MemoirError(f"use_faiss must be True, False or None (use it when installed), got {use_faiss!r}.")
         if use_faiss and faiss is None:
             raise MemoirError("use_faiss=True but faiss is not installed: pip install faiss-cpu (or faiss-gpu), or "
                               "pass use_faiss=None to fall back to the exact NumPy search.")

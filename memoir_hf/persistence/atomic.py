@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -63,7 +64,7 @@ def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()
     Files of ``destination`` the new save does not write are carried over, except those matching a
     glob pattern in ``owned`` (files this save is responsible for: a stale one must not survive).
     """
-    destination = Path(destination).absolute()
+    destination = folder_path(destination)
     if destination.is_symlink():  # save into the folder it points to, and keep the link
         destination = destination.resolve()
     if destination.exists() and not destination.is_dir():
@@ -90,6 +91,13 @@ def atomic_folder(destination: str | os.PathLike, *, owned: Collection[str] = ()
             raise
         raise SaveError(f"could not save to {destination}: {error}. Nothing was changed there; free space or "
                         "fix the permissions and save again.") from error
+
+
+def folder_path(value: Any) -> Path:
+    """A checkpoint folder given as a path (str or PathLike), made absolute; MemoirError for anything else."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise MemoirError(f"a checkpoint folder must be given as a path (str or pathlib.Path), got {value!r}.")
+    return Path(value).absolute()
 
 
 class SaveError(MemoirError, OSError):
@@ -150,7 +158,7 @@ def _same_file(path: Path, descriptor: int) -> bool:
 
 def recover_interrupted_swap(destination: str | os.PathLike) -> None:
     """If a save died between its two renames, move the previous folder back into place."""
-    destination = Path(destination).absolute()
+    destination = folder_path(destination)
     if destination.exists():
         return
     previous = sorted(destination.parent.glob(f".{glob.escape(destination.name)}{_PREVIOUS_TAG}*"),

@@ -38,6 +38,7 @@ from ..editing.inputs import MERGED_KEY, valid_merged_ids
 from ..errors import MemoirError
 from ..memory.earlier_keys import EarlierKeys
 from ..memory.store import EditDelta, EditRecord, EditStore
+from .atomic import folder_path
 
 FORMAT_VERSION = 3
 """The newest format this library reads. Version 2 added the spread the standardized aggregation divides
@@ -142,7 +143,7 @@ def format_version(settings: dict[str, Any]) -> int:
 
 def read_checkpoint(folder: str | Path) -> Checkpoint:
     """Read and check a checkpoint; CheckpointError says which file is wrong and how."""
-    folder = Path(folder)
+    folder = folder_path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no memoir checkpoint at {folder}: the folder does not exist.")
     manifest = _read_manifest(folder)

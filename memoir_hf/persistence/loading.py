@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ..errors import MemoirError
 from ..model import MemoirModel
-from .atomic import recover_interrupted_swap
+from .atomic import folder_path, recover_interrupted_swap
 from .checkpoint import read_checkpoint
 
 
@@ -22,7 +21,7 @@ def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(checkpoint_directory)
+    folder = folder_path(checkpoint_directory)
     recover_interrupted_swap(folder)
     checkpoint = read_checkpoint(folder)  # every memoir file is checked before the base is loaded
     if not (folder / "config.json").is_file():
