@@ -251,3 +251,10 @@ def test_a_folder_without_a_checkpoint_is_a_one_line_failure(tmp_path, command, 
     argv = [command, str(tmp_path)] + {"ask": ["--prompt", "p"], "remove": ["0"]}.get(command, [])
     assert main(argv) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_path_that_is_a_file_is_refused_before_loading_the_model(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert main(["edit", str(target), "--model", "no-such-model", "--prompt", "Grass is", "--target", "blue"]) == 2
+    assert "is a file" in capsys.readouterr().err and target.read_text() == "mine"

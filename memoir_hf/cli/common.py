@@ -54,6 +54,8 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
     set_threads(args.threads)
     transformers_logging.disable_progress_bar()  # stderr is for the one-line error; loading is quick
     folder = Path(args.checkpoint)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file; give a checkpoint folder")
     recover_interrupted_swap(folder)
     if not is_checkpoint(folder):
         if not create:
