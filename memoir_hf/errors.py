@@ -19,3 +19,9 @@ class PatchError(MemoirError):
 
 class EditInputError(MemoirError, ValueError):
     """A prompt, target or metadata passed to edit() is unusable."""
+
+
+def first_line(error: BaseException, default: str = "") -> str:
+    """The first line of an error's message (``default`` when it has none): what a one-line report shows."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default

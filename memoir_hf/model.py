@@ -38,7 +38,7 @@ from .editing.trainer import EditBatch, TrainOutcome, target_logits, train_colum
 from .errors import EditInputError, MemoirError, PatchError
 from .feedback.correction import Accept, Correction, CorrectionReport, check_accept, correct_many, correct_one
 from .feedback.learning import LearnReport, learn_from
-from .feedback.log import FeedbackLog
+from .feedback.log import FeedbackLog, check_confidence
 from .fingerprint.activations import down_proj_inputs_in_batches
 from .fingerprint.background import compute_background, default_background_prompts, pad_token_id
 from .fingerprint.tophash import BACKGROUND_AGGREGATIONS, TopHash
@@ -254,9 +254,7 @@ class MemoirModel(nn.Module):
         if not isinstance(feedback_log, FeedbackLog):
             raise MemoirError("learn_from needs a FeedbackLog or the path of its file, "
                               f"got {type(feedback_log).__name__}.")
-        if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)) \
-                or not 0 <= min_confidence <= 1:
-            raise MemoirError(f"min_confidence must be a number in [0, 1], got {min_confidence!r}.")
+        check_confidence(min_confidence, "min_confidence")
         return learn_from(self, feedback_log, min_confidence=min_confidence, progress=progress)
 
     def correct(self, prompt: str, answer: str, *, accept: Accept | None = None,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import MemoirError
+from .errors import MemoirError, first_line
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2", "gemma3-270m")
@@ -85,7 +85,7 @@ def load_model(name_or_path: str, **model_kwargs: Any) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
     except Exception as error:  # noqa: BLE001 - transformers, safetensors and torch each raise their own kind
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise MemoirError(f"could not load model {name_or_path!r} ({first_line}); pass a local folder, a Hub id "
-                          f"that is cached or reachable, or a built-in name: {', '.join(BUILTIN_MODELS)}.") from None
+        raise MemoirError(f"could not load model {name_or_path!r} ({first_line(error, type(error).__name__)}); "
+                          "pass a local folder, a Hub id that is cached or reachable, or a built-in name: "
+                          f"{', '.join(BUILTIN_MODELS)}.") from None
     return model.eval(), tokenizer

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import MemoirError
+from ..errors import MemoirError, first_line
 from .common import Parser, UsageError
 from .eval_command import add_eval_command
 from .memory_commands import add_memory_commands
@@ -31,8 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memoir-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     except (MemoirError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"memoir-hf {args.command}: {type(error).__name__}: {first_line}", file=sys.stderr)
+        print(f"memoir-hf {args.command}: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"memoir-hf {args.command}: interrupted", file=sys.stderr)

@@ -81,7 +81,6 @@ def open_memoir(args: argparse.Namespace, *, create: bool = False, config_path: 
     return memoir
 
 
-
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
 

@@ -74,7 +74,6 @@ def run(model: str | tuple[Any, Any], data: str | os.PathLike | Sequence[str | o
     try:
         _check_records_fit(memoir, records)
         if calibration_texts is not None:
-            tokenizer = memoir._require_tokenizer()
             memoir._check_fit([tokenizer(text)["input_ids"] for text in calibration_texts], "calibration texts")
         report = _edit_and_evaluate(memoir, records, format, method, threshold, checkpoint_dir, checkpoint_every,
                                     progress, calibration_texts)

@@ -50,16 +50,19 @@ class Feedback:
                 raise MemoirError(f"feedback needs a non-empty string {name}, got {value!r}.")
         if self.answer is not None and not isinstance(self.answer, str):
             raise MemoirError(f"feedback answer must be a string or None, got {self.answer!r}.")
-        confidence = self.confidence
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1 \
-                or math.isnan(confidence):
-            raise MemoirError(f"feedback confidence must be a number in [0, 1], got {confidence!r}.")
+        check_confidence(self.confidence, "feedback confidence")
         if not isinstance(self.source, str) or not isinstance(self.feedback_id, str) or not self.feedback_id:
             raise MemoirError("feedback source and feedback_id must be strings (feedback_id non-empty).")
         for name in ("prompt", "correction", "answer", "source"):
             value = getattr(self, name)
             if value is not None and not valid_unicode(value):
                 raise MemoirError(f"feedback {name} is not valid Unicode (it holds a lone surrogate): {value!r:.60}")
+
+
+def check_confidence(value: object, name: str) -> None:
+    """A confidence (or a threshold on it) is a number in [0, 1]; MemoirError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
+        raise MemoirError(f"{name} must be a number in [0, 1], got {value!r}.")
 
 
 class FeedbackLog:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import MemoirError
+from ..errors import MemoirError, first_line
 from ..model import MemoirModel
 from .atomic import folder_path, recover_interrupted_swap
 from .checkpoint import read_checkpoint
@@ -33,11 +33,7 @@ def load(checkpoint_directory: str | os.PathLike, *, tokenizer: Any = None, use_
             tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as error:  # noqa: BLE001 - transformers, safetensors and torch each raise their own kind
         raise MemoirError(f"could not load the base model saved in {folder}: {type(error).__name__}: "
-                          f"{_first_line(error)}. If its files are damaged, load the base from its original "
-                          "source and attach the edits: MemoirModel.from_pretrained(base_model, path).") from error
+                          f"{first_line(error, '(no message)')}. If its files are damaged, load the base from its "
+                          "original source and attach the edits: MemoirModel.from_pretrained(base_model, path).") \
+            from error
     return MemoirModel.attach(model, checkpoint, tokenizer, use_faiss=use_faiss)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "(no message)"
