@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,11 @@ class MemoirConfig:
     background_prompts: tuple[str, ...] | None = field(default=None)
     """Texts for the background vector; None uses the generic prompts shipped in the package."""
 
+    def __new__(cls, *args: Any, **settings: Any) -> MemoirConfig:
+        # The dataclass __init__ would reject a misspelt setting with a bare TypeError.
+        _check_known_settings(cls, settings)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name in ("prefix_starts", "prefix_lengths", "background_prompts"):
             object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
@@ -96,8 +102,7 @@ class MemoirConfig:
         if not getattr(self, "_validated", False):
             object.__setattr__(self, name, value)
             return
-        if name not in {f.name for f in dataclasses.fields(self)}:
-            raise MemoirConfigError(f"MemoirConfig has no setting {name!r}; known settings: {', '.join(self.keys())}.")
+        _check_known_settings(type(self), [name])
         if name in STRUCTURAL and getattr(self, "_locked", False):
             raise MemoirConfigError(f"{name} is fixed once a model is patched (the stored masks depend on it); "
                                     "patch a fresh model with a new MemoirConfig to change it.")
@@ -134,9 +139,7 @@ class MemoirConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MemoirConfig:
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise MemoirConfigError(f"unknown MemoirConfig keys {unknown}; known keys: {', '.join(cls.keys())}.")
+        _check_known_settings(cls, values)
         return cls(**values)
 
     def validate(self) -> None:
@@ -188,6 +191,16 @@ def check_spread_texts(aggregation: str, texts: Sequence[str] | None) -> None:
         raise MemoirConfigError(f"the standardized aggregation divides by each feature's spread over the background "
                                 f"prompts, which needs at least {MIN_SPREAD_TEXTS} different texts; got {distinct}. "
                                 "Give more background_prompts, or None for the ones shipped with memoir_hf.")
+
+
+def _check_known_settings(cls: type[MemoirConfig], names: Iterable[str]) -> None:
+    known = cls.keys()
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    hints = [f"{name!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(name), known, n=1))
+             else repr(name) for name in unknown]
+    raise MemoirConfigError(f"MemoirConfig has no setting {', '.join(hints)}; known settings: {', '.join(known)}.")
 
 
 def _as_tuple(name: str, value: Any) -> tuple | None:

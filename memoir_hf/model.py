@@ -49,7 +49,7 @@ from .memory.earlier_keys import EarlierKeys
 from .memory.layer import MemoirLayer
 from .memory.store import EditDelta, EditRecord, EditStore, utc_now
 from .patching.dispatch import loaded_weight
-from .patching.target import PatchTarget, find_target
+from .patching.target import PatchTarget, check_config, find_target
 from .persistence.atomic import atomic_folder, recover_interrupted_swap
 from .persistence.base_model import BASE_MODEL_FILES, save_base_model
 from .persistence.checkpoint import (
@@ -676,10 +676,7 @@ def _check_prompt_mask(mask: Any) -> None:
 
 def _check_config_and_tokenizer(config: Any, tokenizer: Any) -> None:
     """The two arguments users swap or pass in another form: refused with what to pass instead."""
-    if config is not None and not isinstance(config, MemoirConfig):
-        hint = ("that looks like a tokenizer: pass it as tokenizer=..." if callable(config)
-                else "build one with MemoirConfig(**settings) or MemoirConfig.from_yaml(path)")
-        raise PatchError(f"config must be a MemoirConfig or None, got {type(config).__name__}; {hint}.")
+    check_config(config)
     if tokenizer is not None and not callable(tokenizer):
         raise PatchError(f"tokenizer must be a loaded tokenizer (AutoTokenizer.from_pretrained(...)), "
                          f"got {type(tokenizer).__name__}.")

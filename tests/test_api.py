@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import inspect
 
@@ -104,6 +105,17 @@ def test_config_assignment_is_validated():
     with pytest.raises(MemoirConfigError, match="no_such"):
         config.no_such = 1
     assert not hasattr(config, "no_such")
+    with pytest.raises(MemoirConfigError, match="'topk' \\(did you mean 'top_k'\\?\\)"):
+        config.topk = 3
+
+
+def test_misspelt_setting_in_constructor_is_a_config_error_with_a_suggestion():
+    with pytest.raises(MemoirConfigError, match="'treshold' \\(did you mean 'threshold'\\?\\)"):
+        MemoirConfig(treshold=0.5)
+    with pytest.raises(MemoirConfigError, match="'zzz'; known settings: layer, top_k"):
+        MemoirConfig(threshold=0.5, zzz=1)
+    copied = copy.deepcopy(MemoirConfig(threshold=0.4))  # copying builds the object without settings
+    assert copied.threshold == 0.4 and dataclasses.replace(copied, top_k=8).top_k == 8
 
 
 def test_top_k_larger_than_d_ff_refused_at_patch_time_and_model_left_unpatched():
@@ -699,6 +711,26 @@ def test_register_architecture_with_a_wrong_layout():
     finally:
         registry._REGISTRY.pop("my_broken_llama", None)
     assert is_unpatched(model)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (dict(model_type="", layers="model.layers", down_proj="mlp.down_proj"), "model_type must be"),
+    (dict(model_type=None, layers="model.layers", down_proj="mlp.down_proj"), "model_type must be"),
+    (dict(model_type="x", layers=(), down_proj="mlp.down_proj"), "layers must be"),
+    (dict(model_type="x", layers=("model.layers", 3), down_proj="mlp.down_proj"), "layers must be"),
+    (dict(model_type="x", layers="model..layers", down_proj="mlp.down_proj"), "layers must be"),
+    (dict(model_type="x", layers="model.layers", down_proj=None), "down_proj must be"),
+    (dict(model_type="x", layers="model.layers", down_proj="mlp/down_proj"), "down_proj must be"),
+])
+def test_register_architecture_refuses_malformed_layouts(arguments, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        memoir_hf.register_architecture(**arguments)
+    assert "x" not in memoir_hf.supported_model_types()
+
+
+def test_find_target_refuses_a_config_that_is_not_a_memoir_config():
+    with pytest.raises(PatchError, match="config must be a MemoirConfig or None, got dict"):
+        memoir_hf.find_target(make_tiny_model("llama"), {"layer": 1})
 
 
 def test_context_limit_comes_from_the_model():

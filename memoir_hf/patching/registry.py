@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -55,5 +57,18 @@ def register_architecture(model_type: str, *, layers: str | tuple[str, ...], dow
 
     Example: ``register_architecture("olmo", layers="model.layers", down_proj="mlp.down_proj")``.
     """
-    paths = (layers,) if isinstance(layers, str) else tuple(layers)
-    _REGISTRY[model_type] = ArchitectureSpec(layers=paths, down_proj=down_proj)
+    paths = (layers,) if isinstance(layers, str) else layers
+    if not isinstance(model_type, str) or not model_type:
+        raise UnsupportedModelError(f"model_type must be the non-empty string of the model's config.model_type, "
+                                    f"got {model_type!r}.")
+    if not isinstance(paths, (tuple, list)) or not paths or not all(_is_module_path(path) for path in paths):
+        raise UnsupportedModelError(f"layers must be the dotted path to the ModuleList of decoder layers (e.g. "
+                                    f"'model.layers'), or a tuple of candidate paths; got {layers!r}.")
+    if not _is_module_path(down_proj):
+        raise UnsupportedModelError(f"down_proj must be the dotted path, inside one decoder layer, to the MLP output "
+                                    f"projection (e.g. 'mlp.down_proj'); got {down_proj!r}.")
+    _REGISTRY[model_type] = ArchitectureSpec(layers=tuple(paths), down_proj=down_proj)
+
+
+def _is_module_path(path: object) -> bool:
+    return isinstance(path, str) and all(part.isidentifier() or part.isdigit() for part in path.split("."))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -45,6 +46,7 @@ class PatchTarget:
 
 def find_target(model: nn.Module, config: MemoirConfig | None = None) -> PatchTarget:
     """Show which module ``config`` would patch on ``model``, without changing anything."""
+    check_config(config)
     config = config or MemoirConfig()
     model_type = _model_type(model)
     spec = get_spec(model_type)
@@ -65,6 +67,14 @@ def find_target(model: nn.Module, config: MemoirConfig | None = None) -> PatchTa
     d_model, d_ff = projection_shape(down_proj, module_name)
     return PatchTarget(model_type, layers_path, index, len(layers), module_name, d_model, d_ff,
                        config.resolve_top_k(d_ff))
+
+
+def check_config(config: Any) -> None:
+    """Refuse anything but a MemoirConfig or None, with what to pass instead (users swap it with the tokenizer)."""
+    if config is not None and not isinstance(config, MemoirConfig):
+        hint = ("that looks like a tokenizer: pass it as tokenizer=..." if callable(config)
+                else "build one with MemoirConfig(**settings) or MemoirConfig.from_yaml(path)")
+        raise PatchError(f"config must be a MemoirConfig or None, got {type(config).__name__}; {hint}.")
 
 
 def projection_shape(module: nn.Module, name: str) -> tuple[int, int]:
