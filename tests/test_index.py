@@ -246,6 +246,33 @@ def test_measured_ivf_finds_what_the_exact_search_finds_on_clustered_masks():
     assert ivf.nprobe == trial.nprobe
 
 
+def test_ivf_trial_queries_at_the_lowest_routed_overlap_and_counts_ties_as_found(monkeypatch):
+    """The trial asks what routing asks: queries as far from their mask as any calibrated τ lets through, and
+    a mask as near as the exact one (which of two tied masks each index returns first does not matter)."""
+    faiss = pytest.importorskip("faiss")
+    import memoir_hf.index.sublinear as sublinear
+
+    asked = []
+    real_queries = sublinear.perturbed_queries
+    monkeypatch.setattr(sublinear, "perturbed_queries", lambda *a: asked.append(a[4]) or real_queries(*a))
+    rng = np.random.default_rng(4)
+    codes = pack_masks(clustered_masks(rng, 2000, 256, 64, n_clusters=16))
+    codes = np.concatenate([codes, codes])  # every mask stored twice: every answer is a tie
+
+    class ExactReturningTheOtherTwin:
+        def __init__(self):
+            self.flat = faiss.IndexBinaryFlat(256)
+            self.flat.add(codes)
+
+        def search(self, queries, width):
+            distances, labels = self.flat.search(queries, width)
+            return distances, (labels + 2000) % 4000
+
+    _, trial = sublinear.measure_ivf(codes, ExactReturningTheOtherTwin(), 64, rng=rng)
+    assert asked == [sublinear.LOWEST_ROUTED_OVERLAP] and sublinear.LOWEST_ROUTED_OVERLAP <= 0.33
+    assert trial.recall >= 0.99
+
+
 def test_slow_ivf_timings_do_not_cut_the_probe_search_short(monkeypatch):
     """A noisy clock once made the search stop below the recall goal; speed is judged once, at the end."""
     faiss = pytest.importorskip("faiss")

@@ -4,7 +4,7 @@ Every mask has exactly k bits set, so overlap(a, b) = |a ∧ b| / k = (2k - hamm
 the nearest mask by overlap is the nearest by Hamming distance. FAISS's IndexBinaryFlat does that
 search; an exact NumPy scan gives identical answers when faiss is not importable. Past
 ``SUBLINEAR_FROM`` masks (and at every doubling after), a FAISS binary IVF index is tried on the
-stored masks and used only if it is measured faster with top-1 recall >= 0.99 (see
+stored masks and used only if it is measured faster with recall >= 0.99 (see
 :mod:`memoir_hf.index.sublinear` for the exact rule).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import MemoirError
-from .sublinear import IvfTrial, measure_ivf
+from .sublinear import IVF_CANDIDATES, IvfTrial, measure_ivf
 
 try:
     import faiss
@@ -23,8 +23,6 @@ except ImportError:  # pragma: no cover - exercised by forcing use_faiss=False i
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int32)
 SUBLINEAR_FROM = 1 << 17
 """Below this many masks the exact scan takes well under a millisecond a query: never try IVF."""
-IVF_CANDIDATES = 8
-"""Nearest masks an IVF search returns for the exact tie-breaking among them."""
 
 
 def faiss_available() -> bool:
