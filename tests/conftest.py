@@ -55,6 +55,15 @@ def smollm2():
     return load_builtin("smollm2")
 
 
+def written_before_file_checksums(folder: Path) -> None:
+    """Drop the files' checksums from a checkpoint's manifest, as releases before them wrote it: a test that
+    damages a file on purpose then reaches the check it is about."""
+    path = folder / "memoir_config.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest.pop("files_sha256", None)
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
 def run_threads(targets, timeout: float = 120) -> list[BaseException]:
     """Run each callable in its own thread; the exceptions they raised (a hung thread fails the test)."""
     errors: list[BaseException] = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, written_before_file_checksums
 from safetensors.torch import load_file, save_file
 from tiny_models import make_byte_tokenizer, make_tiny_model
 
@@ -221,6 +221,7 @@ def test_corrupt_saved_keys_are_refused(tmp_path, corrupt):
     else:
         tensors[f"{prefix}.moment_sum"] = moment[:-1]
     save_file(tensors, folder / MEMORY_FILE)
+    written_before_file_checksums(folder)
     with pytest.raises(CheckpointError, match="earlier_keys"):
         attach(folder)
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, written_before_file_checksums
 from safetensors.torch import load_file, save_file
 from tiny_models import make_byte_tokenizer, make_tiny_model
 from torch import nn
@@ -847,6 +847,9 @@ def test_a_delta_of_a_removed_edit_is_refused(saved_folder):
     memoir.save_pretrained(folder)
     assert sorted(load_file(folder / DELTAS_FILE)) == ["0.columns", "0.values", "1.columns", "1.values"]
     save_file(deltas, folder / DELTAS_FILE)  # the older file still holds edit 2's delta
+    with pytest.raises(CheckpointError, match=f"{DELTAS_FILE} does not match its checksum"):
+        MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
+    written_before_file_checksums(folder)
     with pytest.raises(CheckpointError, match="names no stored edit"):
         MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
 
@@ -855,6 +858,7 @@ def test_a_truncated_deltas_file_is_refused(saved_folder):
     folder, _, _ = saved_folder
     data = (folder / DELTAS_FILE).read_bytes()
     (folder / DELTAS_FILE).write_bytes(data[: len(data) // 2])
+    written_before_file_checksums(folder)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         MemoirModel.from_pretrained(make_tiny_model("llama"), folder, make_byte_tokenizer())
 

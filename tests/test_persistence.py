@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fast_config
+from conftest import fast_config, written_before_file_checksums
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import INTERMEDIATE_SIZE, make_byte_tokenizer, make_tiny_model
@@ -42,6 +42,7 @@ INDEX_FILE = "memoir_index.faiss"
 EDITS_FILE = "memoir_edits.jsonl"
 DELTAS_FILE = "memoir_deltas.safetensors"
 MEMOIR_FILES = {CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE, DELTAS_FILE}
+CHECKSUMMED_FILES = {MEMORY_FILE, EDITS_FILE, DELTAS_FILE}
 RECORD_KEYS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle"}
 
@@ -197,6 +198,8 @@ def test_checkpoint_files_and_manifest(saved):
     assert isinstance(manifest["prefixes"], list) and len(manifest["prefixes"]) == 2
     assert all(isinstance(p, str) for p in manifest["prefixes"])
     assert manifest["next_edit_id"] == 3 and manifest["num_edits"] == 3
+    assert manifest["files_sha256"] == {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                                        for name in CHECKSUMMED_FILES}
 
 
 def test_edits_file_has_one_json_line_per_edit(saved):
@@ -311,6 +314,7 @@ def test_tophash_state_comes_from_the_checkpoint(saved, copy_of):
     spread = tensors[f"{module}.tophash.spread"] * 3
     save_file({**tensors, f"{module}.tophash.permutation": permutation, f"{module}.tophash.background": background,
                f"{module}.tophash.spread": spread}, path)
+    written_before_file_checksums(copy_of)
     loaded = attach(copy_of)
     assert torch.equal(loaded.layer.tophash.permutation, permutation)
     assert torch.equal(loaded.layer.tophash.background, background)
@@ -357,6 +361,7 @@ def without_spread(folder: Path, module: str) -> None:
     tensors = load_file(folder / MEMORY_FILE)
     del tensors[f"{module}.tophash.spread"]
     save_file(tensors, folder / MEMORY_FILE)
+    written_before_file_checksums(folder)
 
 
 def test_checkpoint_from_before_the_spread_loads(saved, copy_of):
@@ -373,6 +378,7 @@ def test_standardized_checkpoint_needs_its_spread(tmp_path):
     module = memoir.target.module_name
     folder = tmp_path / "ckpt"
     memoir.save_pretrained(folder)
+    written_before_file_checksums(folder)
     tensors = load_file(folder / MEMORY_FILE)
     for bad in (torch.zeros(D_FF), torch.full((D_FF,), float("nan")), -torch.ones(D_FF)):
         save_file({**tensors, f"{module}.tophash.spread": bad}, folder / MEMORY_FILE)
@@ -857,6 +863,10 @@ def test_damaged_checkpoint_is_refused_naming_the_file(case, copy_of):
     corrupt, file_name, fragments = CORRUPTIONS[case]
     corrupt(copy_of)
     model = make_tiny_model("llama")
+    if file_name in CHECKSUMMED_FILES and (copy_of / file_name).exists():
+        with pytest.raises(CheckpointError, match=f"{file_name} does not match its checksum in {CONFIG_FILE}"):
+            attach(copy_of, model=model)
+        written_before_file_checksums(copy_of)  # what the file's own check says without the checksum
     with pytest.raises(CheckpointError) as info:
         attach(copy_of, model=model)
     assert isinstance(info.value, MemoirError)
@@ -865,6 +875,25 @@ def test_damaged_checkpoint_is_refused_naming_the_file(case, copy_of):
     for fragment in fragments:
         assert fragment in message
     assert is_unpatched(model)
+
+
+@pytest.mark.parametrize("file_name", sorted(CHECKSUMMED_FILES))
+def test_a_file_from_another_save_with_the_same_edit_ids_is_refused(file_name, saved, copy_of, tmp_path):
+    """Another memory's records, memory or deltas carry the same edit ids 0..2: only the checksum tells them apart."""
+    other = make_memoir(facts=OTHER_FACTS[:3])
+    other.save_pretrained(tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / file_name, copy_of / file_name)
+    with pytest.raises(CheckpointError, match=f"{file_name} does not match its checksum in {CONFIG_FILE}"):
+        attach(copy_of)
+    written_before_file_checksums(copy_of)  # a checkpoint from before the checksums loads as before
+    loaded = attach(copy_of)
+    assert [record.edit_id for record in loaded.edits] == [0, 1, 2]
+
+
+def test_file_checksums_of_the_wrong_type_are_refused(copy_of):
+    edit_manifest(files_sha256={MEMORY_FILE: 5})(copy_of)
+    with pytest.raises(CheckpointError, match="files_sha256 has the wrong type"):
+        attach(copy_of)
 
 
 def test_damaged_checkpoint_is_refused_by_load(saved_with_base, tmp_path):
@@ -996,6 +1025,7 @@ def test_an_edit_record_field_of_the_wrong_type_is_refused_when_read(copy_of, fi
     record[field] = value
     lines[0] = json.dumps(record)
     (copy_of / EDITS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    written_before_file_checksums(copy_of)
     with pytest.raises(CheckpointError, match=f"{field} of the wrong type"):
         attach(copy_of)
 

@@ -54,6 +54,9 @@ INDEX_FILE = "memoir_index.faiss"
 EDITS_FILE = "memoir_edits.jsonl"
 DELTAS_FILE = "memoir_deltas.safetensors"
 MEMOIR_FILES = (CONFIG_FILE, MEMORY_FILE, MASKS_FILE, INDEX_FILE, EDITS_FILE, DELTAS_FILE)
+CHECKSUMMED_FILES = (MEMORY_FILE, EDITS_FILE, DELTAS_FILE)
+"""Files whose SHA-256 the manifest records (the masks have their own checksum; the FAISS index is checked
+against the masks and rebuilt if stale)."""
 _RECORD_FIELDS = {"edit_id", "prompt", "target", "metadata", "created", "success", "loss"}
 
 
@@ -118,6 +121,7 @@ def write_checkpoint(folder: Path, *, manifest: dict[str, Any], memory_weight: t
     save_file(deltas, folder / DELTAS_FILE, metadata={"format_version": version})
     manifest = {**manifest, "format_version": int(version), "num_edits": len(store),
                 "masks_sha256": _codes_checksum(store.index.codes),
+                "files_sha256": {name: _file_checksum(folder / name) for name in CHECKSUMMED_FILES},
                 "removed_edits": [record.to_dict() for record in store.removed]}
     (folder / CONFIG_FILE).write_text(json.dumps(manifest, sort_keys=True, indent=2) + "\n", encoding="utf-8")
 
@@ -147,6 +151,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     if not folder.is_dir():
         raise CheckpointError(f"no memoir checkpoint at {folder}: the folder does not exist.")
     manifest = _read_manifest(folder)
+    _check_file_checksums(folder, manifest.get("files_sha256", {}))
     target = manifest["target"]
     d_model, d_ff = target["d_model"], target["d_ff"]
     try:
@@ -233,6 +238,7 @@ _MANIFEST_FIELD_CHECKS = {  # what the loader reads from the manifest beyond the
     "next_edit_id": lambda v: type(v) is int and v >= 0,
     "prefixes": lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
     "base_model": lambda v: v is None or isinstance(v, str),
+    "files_sha256": lambda v: isinstance(v, dict) and all(isinstance(digest, str) for digest in v.values()),
 }
 _RECORD_FIELD_TYPES = {"edit_id": (int,), "prompt": (str,), "target": (str,), "created": (str,), "success": (bool,),
                        "loss": (int, float)}
@@ -362,6 +368,24 @@ def _read_deltas(path: Path, edit_ids: set[int], d_model: int, d_ff: int) -> dic
 
 def _codes_checksum(codes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(codes).tobytes()).hexdigest()
+
+
+def _file_checksum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_file_checksums(folder: Path, checksums: dict[str, str]) -> None:
+    """Memory, records and deltas must be the files this save wrote (checkpoints written before the checksums
+    carry none; a missing file is reported where it is read)."""
+    for name in CHECKSUMMED_FILES:
+        path = folder / name
+        if name in checksums and path.is_file() and _file_checksum(path) != checksums[name]:
+            raise CheckpointError(f"{path} does not match its checksum in {CONFIG_FILE}: it was changed after the "
+                                  "save or comes from another checkpoint. Restore it from the same save.")
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
