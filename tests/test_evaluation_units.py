@@ -1203,6 +1203,24 @@ def test_plot_scaling_writes_png(tmp_path):
     assert_png(single)
 
 
+def test_scaling_plot_legends_name_each_series_once_and_each_metric_once():
+    pytest.importorskip("matplotlib")
+    from memoir_hf.evaluation.plots import _pyplot, scaling_figure
+
+    plt = _pyplot()
+    reports = [report("memoir", 10), report("memoir", 100), report("ft-l", 10), report("ft-l", 100, with_gen=False)]
+    figure = scaling_figure(plt, reports)
+    try:
+        axis = figure.axes[0]
+        series_legend = axis.get_legend()
+        metric_legend = next(artist for artist in axis.artists if artist is not series_legend)
+        assert [text.get_text() for text in series_legend.get_texts()] == ["memoir", "ft-l"]
+        assert [text.get_text() for text in metric_legend.get_texts()] == ["Rel", "Gen", "Loc"]
+        assert len(axis.lines) == 6  # three metrics of two series
+    finally:
+        plt.close(figure)
+
+
 def test_plots_without_matplotlib_raise_memoir_error(tmp_path, monkeypatch):
     from memoir_hf.evaluation import plots
 

@@ -46,22 +46,37 @@ def plot_sweep(report: dict[str, Any], path: str | os.PathLike) -> None:
 def plot_scaling(reports: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Rel/Gen/Loc against the number of sequential edits T, one line per method and mask/step setting."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8.5, 4))
+    _save(plt, scaling_figure(plt, reports), path)
+
+
+def scaling_figure(plt: Any, reports: Sequence[dict[str, Any]]) -> Any:
+    """The figure of :func:`plot_scaling`: colour tells the metric, line style and marker the series, each
+    in its own legend, so that the legend grows by one entry a series, not three."""
+    from matplotlib.lines import Line2D
+
     series: dict[str, list[dict[str, Any]]] = {}
     for report in reports:
         series.setdefault(series_label(report), []).append(report)
+    figure, axis = plt.subplots(figsize=(8.5, max(4.0, 1.5 + 0.22 * len(series))))
+    series_handles = []
     for number, (name, rows) in enumerate(sorted(series.items(), key=lambda item: item[0] != "memoir")):
         rows.sort(key=lambda r: r["edits"])
         style = series_style(number)
-        for colour, (key, label) in enumerate(_CURVES):
-            if key in rows[0]["metrics"]:
-                axis.plot([r["edits"] for r in rows], [r["metrics"][key] for r in rows], color=f"C{colour}",
-                          label=f"{name} {label}", **style)
+        for colour, (key, _) in enumerate(_CURVES):
+            measured = [r for r in rows if key in r["metrics"]]
+            if measured:
+                axis.plot([r["edits"] for r in measured], [r["metrics"][key] for r in measured], color=f"C{colour}",
+                          **style)
+        series_handles.append(Line2D([], [], color="dimgrey", label=name, **style))
     axis.set(xscale="log", xlabel="sequential edits T", ylabel="score", ylim=(-0.02, 1.02),
              title=f"{reports[0]['model']} · {reports[0]['format']}")
-    axis.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    metrics = [key for key, _ in _CURVES if any(key in r["metrics"] for r in reports)]
+    axis.add_artist(axis.legend(handles=[Line2D([], [], color=f"C{colour}", label=label)
+                                         for colour, (key, label) in enumerate(_CURVES) if key in metrics],
+                                loc="center left", fontsize="small"))
+    axis.legend(handles=series_handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
-    _save(plt, figure, path)
+    return figure
 
 
 def series_style(number: int) -> dict[str, Any]:
@@ -105,6 +120,6 @@ def _save(plt: Any, figure: Any, path: str | os.PathLike) -> None:
         path = path.with_suffix(".png")
     try:
         with atomic_file(path) as temporary:
-            figure.savefig(temporary, dpi=120)
+            figure.savefig(temporary, dpi=120, bbox_inches="tight")  # the legend beside the axis too
     finally:
         plt.close(figure)
