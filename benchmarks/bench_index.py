@@ -18,8 +18,6 @@ import time
 
 from _common import machine, markdown_table, parse_args, peak_rss_mb, write_report
 
-from memoir_hf.index.sublinear import LOWEST_ROUTED_OVERLAP
-
 WIDTHS = {"smollm2 (1536 bits, k 439)": (1536, 439), "llama3-8b (14336 bits, k 4096)": (14336, 4096)}
 
 
@@ -84,15 +82,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5, 1e6])
     parser.add_argument("--wide-sizes", type=float, nargs="*", default=[1e4, 1e5, 1e6],
                         help="sizes for the 14336-bit masks")
-    parser.add_argument("--overlap", type=float, default=LOWEST_ROUTED_OVERLAP)
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="query overlap (default: the library's own IVF trial's, LOWEST_ROUTED_OVERLAP)")
     parser.add_argument("--queries", type=int, default=200)
     args = parse_args(parser, name="bench_index", threads=1)
+    from memoir_hf.index.sublinear import LOWEST_ROUTED_OVERLAP  # after parse_args has quieted the threads
+
+    overlap = LOWEST_ROUTED_OVERLAP if args.overlap is None else args.overlap
 
     rows = []
     for label, (n_bits, k) in WIDTHS.items():
         sizes = args.sizes if n_bits == 1536 else args.wide_sizes
         for n in sizes:
-            result = bench_one(int(n), n_bits, k, args.overlap, args.queries, seed=int(n) + n_bits)
+            result = bench_one(int(n), n_bits, k, overlap, args.queries, seed=int(n) + n_bits)
             result["masks"] = label
             rows.append(result)
             print(f"{label} n={int(n):>8}: exact {result['exact_ms_batched']:.3f} ms/query, "
