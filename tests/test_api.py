@@ -852,7 +852,8 @@ def test_an_edit_leaves_the_cached_decoding_decision_alone(keyword):
     assert memoir.routing == before
 
 
-def test_generate_with_a_user_cache_decides_from_its_own_first_step():
+@pytest.mark.parametrize("keyword", cache_keywords())
+def test_generate_with_a_user_cache_decides_from_its_own_first_step(keyword):
     memoir, tok = _patched()
     memoir.edit("The cat sat on the", "mat")
     prompt = torch.tensor([tok("The cat sat on the")["input_ids"]])
@@ -861,7 +862,7 @@ def test_generate_with_a_user_cache_decides_from_its_own_first_step():
     stale = memoir.routing
     with torch.no_grad():
         cache = memoir.base_model(input_ids=prompt[:, :-1], use_cache=True).past_key_values
-    memoir.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+    memoir.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **{keyword: cache},
                     max_new_tokens=2, do_sample=False, pad_token_id=PAD_ID)
     # Decided afresh in this generate (from the tokens not yet in the cache), not reused from the last call.
     assert memoir.routing != stale and memoir.routing[0].nearest_edit_id == 0
