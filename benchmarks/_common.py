@@ -10,6 +10,9 @@ import resource
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DATA_DIR = Path(os.environ.get("MEMOIR_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+"""The evaluation data: $MEMOIR_DATA_DIR, else ../shared/data beside the repository (as the tests read it)."""
+ZSRE_EDITS = DATA_DIR / "ZsRE" / "zsre_mend_edit.json"
 
 
 def quiet_threads(threads: int) -> None:

@@ -19,7 +19,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, write_report
+from _common import ZSRE_EDITS, current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def summary(results) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/ZsRE/zsre_mend_edit.json"))
+    parser.add_argument("--data", default=str(ZSRE_EDITS))
     parser.add_argument("--edits", type=int, default=100)
     parser.add_argument("--naive-edits", type=int, default=20)
     parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"),

@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import machine, markdown_table, parse_args, write_report
+from _common import ZSRE_EDITS, machine, markdown_table, parse_args, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared/data/ZsRE/zsre_mend_edit.json"
 AGGREGATIONS = ("mean_minus_background", "standardized")
 SPARSE_TOP_K = 0.1
 
@@ -78,7 +77,7 @@ def probe(aggregation: str, k: int, background, edits, rephrases, locs, last_tok
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=1000, help="ZsRE records (default 1000)")
-    parser.add_argument("--data", type=Path, default=DATA, help="ZsRE edit file (zsre_mend_edit.json)")
+    parser.add_argument("--data", type=Path, default=ZSRE_EDITS, help="ZsRE edit file (zsre_mend_edit.json)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs/smollm2-135m.yaml",
                         help="MemoirConfig YAML: the layer to probe")
     args = parse_args(parser, name="fingerprint_probe", threads=2)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from _common import RESULTS, machine, markdown_table, parse_args, write_report
+from _common import RESULTS, ZSRE_EDITS, machine, markdown_table, parse_args, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("fingerprint", "pass below the memory", "step forward", "step backward", "success check")
@@ -83,7 +83,7 @@ def measured_steps_per_edit() -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/ZsRE/zsre_mend_edit.json"))
+    parser.add_argument("--data", default=str(ZSRE_EDITS))
     parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     parser.add_argument("--steps", type=int, default=5, help="steps each counted edit runs")
     args = parse_args(parser, name="flops_edit", threads=1)

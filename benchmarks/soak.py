@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import random
 import time
 from pathlib import Path
 
-from _common import current_rss_mb, machine, markdown_table, parse_args, peak_rss_mb, trimmed_rss_mb, write_report
+from _common import (
+    DATA_DIR,
+    current_rss_mb,
+    machine,
+    markdown_table,
+    parse_args,
+    peak_rss_mb,
+    trimmed_rss_mb,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [("ZsRE/zsre_mend_edit.json", "zsre"), ("ZsRE/zsre_mend_train-1k.KnowledgeSpread-subset.json", "zsre"),
@@ -98,8 +106,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/smollm2-135m.yaml"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks/checkpoints/soak"), help="checkpoint folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get("MEMOIR_DATA_DIR", ROOT.parent / "shared/data")))
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     args = parse_args(parser, name="soak", threads=2)
     if min(args.edits, args.save_every, args.generate_calls) < 1:
         parser.error("--edits, --save-every and --generate-calls must be at least 1")

@@ -191,7 +191,8 @@ def _field(row: dict[str, Any], key: str, *, required: bool, blank_ok: bool, whe
 
 # The text of a calibration record: the first of these keys it has (a blank one refuses the file). An edit
 # record (one with a target) gives only its locality prompt: its own prompt is not unrelated text.
-_TEXT_KEYS = ("loc_prompt", "locality_prompt", "loc", "prompt")
+_LOCALITY_KEYS = ("loc_prompt", "locality_prompt", "loc")
+_TEXT_KEYS = (*_LOCALITY_KEYS, "prompt")
 _TARGET_KEYS = ("target", "alt", "target_new")
 
 
@@ -227,7 +228,7 @@ def _text_of(item: Any, where: str) -> str | None:
         raise DataError(f"{where}: not valid JSON ({item.error}).")
     if isinstance(item, dict):
         edit_record = any(key in item for key in _TARGET_KEYS)
-        keys = _TEXT_KEYS[:-1] if edit_record else _TEXT_KEYS
+        keys = _LOCALITY_KEYS if edit_record else _TEXT_KEYS
         item = next((item[key] for key in keys if key in item), None)
         if item is None and edit_record:
             return None

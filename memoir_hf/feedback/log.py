@@ -132,11 +132,10 @@ class FeedbackLog:
         """The record on a last line without its newline; None for a torn write (not UTF-8 or not JSON).
         Complete JSON that is no feedback record is refused like any malformed line."""
         try:
-            text = raw.decode("utf-8-sig")
-            json.loads(text)
+            values = json.loads(raw.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
-        return self._parse(text, where)
+        return self._feedback(values, where)
 
     def _decoded(self, raw: bytes, where: str) -> str:
         try:
@@ -147,10 +146,16 @@ class FeedbackLog:
     def _parse(self, line: str, where: str) -> Feedback:
         try:
             values = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MemoirError(f"{self.path} {where} is not a feedback record: {error}") from None
+        return self._feedback(values, where)
+
+    def _feedback(self, values: object, where: str) -> Feedback:
+        try:
             if not isinstance(values, dict):
                 raise TypeError("not a JSON object")
             return Feedback(**values)
-        except (json.JSONDecodeError, TypeError, MemoirError) as error:
+        except (TypeError, MemoirError) as error:
             raise MemoirError(f"{self.path} {where} is not a feedback record: {error}") from None
 
 
